@@ -1,0 +1,1 @@
+"""Datasets: the on-disk store, the demo generator and the batch loaders."""

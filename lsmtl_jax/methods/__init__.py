@@ -1,0 +1,1 @@
+"""Methods that are not a trunk trained by gradient steps (closed form, neighbours)."""
