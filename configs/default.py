@@ -1,0 +1,75 @@
+"""Defaults shared by every config: the paper's GEO Deep-LSMTL setting.
+
+Other configs import this and override a few fields. Any field can be set on
+the command line, e.g. `--config.model.hidden=512 --config.lsmtl.lam=0.5`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # 'deep_lsmtl' (DenseNet + masked-task bottleneck), 'densenet' (the same with
+  # lam = 0), 'dgex' (MLP trunk, tanh, lam = 0) or 'lsr' (closed-form ridge).
+  config.method = "deep_lsmtl"
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.path = ""  # a prepared dataset directory (python -m lsmtl_jax.prepare)
+  # enabled: generate the synthetic demo compendium into cache_dir on first use
+  # (lsmtl_jax/data/synthetic.py documents its structure) instead of reading path.
+  config.data.synthetic = ml_collections.ConfigDict(dict(
+      enabled=False, num_samples=8000, num_landmarks=943, num_targets=9520,
+      num_programs=24, num_modules=120, num_tissues=12, seed=0))
+  config.data.cache_dir = "~/.cache/lsmtl_jax"
+  config.data.prefetch = 4
+  config.data.train_split = "train"
+  config.data.val_split = "val"
+  config.data.test_split = "test"
+
+  config.model = ml_collections.ConfigDict()
+  config.model.trunk = "densenet"  # or 'mlp' (D-GEX)
+  config.model.hidden = 9000
+  config.model.depth = 3
+  config.model.dropout = 0.1
+  config.model.negative_slope = 0.2  # LeakyReLU slope in the DenseNet blocks
+  config.model.batch_norm = True
+  config.model.activation = "tanh"  # MLP trunk only
+  config.model.dtype = "float32"  # matmul dtype; parameters stay float32
+
+  # The masked-task bottleneck regularizer (SPEC.md section 2).
+  config.lsmtl = ml_collections.ConfigDict()
+  config.lsmtl.lam = 0.1  # weight of L_rec; 0 gives the plain DenseNet
+  config.lsmtl.bottleneck = 256  # k
+  config.lsmtl.mask_rate = 0.1  # rho
+  config.lsmtl.mask_per = "example"  # or 'batch'
+  config.lsmtl.negative_slope = 0.2
+  config.lsmtl.stop_gradient_target = False
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.task = "mse"  # or 'mae'
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adam"  # or 'adamw', 'sgd'
+  config.optim.learning_rate = 5e-4
+  config.optim.schedule = "cosine"  # 'constant', 'cosine', 'warmup_cosine'
+  config.optim.warmup_steps = 0
+  config.optim.weight_decay = 0.0
+  config.optim.grad_clip_norm = 0.0  # 0: no clipping
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 256
+  config.train.num_epochs = 100
+  config.train.num_steps = -1  # > 0 overrides num_epochs
+  config.train.log_every = 100
+  config.train.eval_every = 2000
+  config.train.checkpoint_every = 2000
+  config.train.patience = 10  # evaluations without a better val MAE before stopping
+  config.train.eval_batch_size = 1024
+
+  config.lsr = ml_collections.ConfigDict()
+  config.lsr.ridge = 1e-3  # added to the diagonal of X^T X / n
+
+  # Other methods to run on the same data after this one, and tabulate beside it.
+  config.compare_with = ()
+  return config
