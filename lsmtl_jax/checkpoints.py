@@ -4,6 +4,7 @@ training loop's own state."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -32,8 +33,11 @@ class Checkpoints:
 
   @staticmethod
   def _save(manager, step: int, state, loop: dict[str, Any]) -> None:
+    # The save completes in the background: hand it a snapshot of the record,
+    # not the dict the training loop goes on mutating.
+    record = json.loads(json.dumps(loop))
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)), force=True)
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(record)), force=True)
 
   @staticmethod
   def _restore(manager, like_state):
