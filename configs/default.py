@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
       num_programs=24, num_modules=120, num_tissues=12, seed=0))
   config.data.cache_dir = "~/.cache/lsmtl_jax"
   config.data.prefetch = 4
+  # Cross-platform setting: validate / test on other prepared datasets (whole
+  # dataset splits), e.g. 1000G and GTEx mapped onto the GEO reference.
+  config.data.val_path = ""
+  config.data.test_path = ""
   config.data.train_split = "train"
   config.data.val_split = "val"
   config.data.test_split = "test"
@@ -66,6 +70,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 2000
   config.train.patience = 10  # evaluations without a better val MAE before stopping
   config.train.eval_batch_size = 1024
+
+  # Device mesh: 'data' splits the batch, 'model' splits the target axis (head,
+  # bottleneck, per-gene metrics). -1 takes the devices the other axis leaves.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.model = 1
+  config.mesh.fsdp = False  # also split trunk kernels' hidden axis over 'data'
+  # The head is padded to a multiple of this (independent of the mesh, so
+  # checkpoints move between mesh shapes); mesh.model must divide the result.
+  config.mesh.target_multiple = 128
 
   config.lsr = ml_collections.ConfigDict()
   config.lsr.ridge = 1e-3  # added to the diagonal of X^T X / n

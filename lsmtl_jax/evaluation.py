@@ -5,23 +5,27 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from lsmtl_jax import metrics
 from lsmtl_jax.data import loader
 from lsmtl_jax.data.store import Dataset
+from lsmtl_jax.parallel import Placement
 
-# (stats, batch) -> stats, jitted by the caller; batch has x, y and weight.
+# (stats, global batch) -> stats, jitted by the caller; batch has x, y and weight.
 StatsStep = Callable[[dict, dict], dict]
 
 
-def split_statistics(dataset: Dataset, split: str, batch_size: int, stats_step: StatsStep,
-                     prefetch: int = 4) -> dict[str, np.ndarray]:
-  stats = metrics.zeros(dataset.num_targets)
-  for batch in loader.eval_batches(dataset, dataset.split(split), batch_size, prefetch):
-    stats = stats_step(stats, batch)
-  return {k: np.asarray(v, np.float64) for k, v in jax.device_get(stats).items()}
+def split_statistics(dataset: Dataset, indices: np.ndarray, batch_size: int,
+                     stats_step: StatsStep, init_stats: Callable[[], dict],
+                     placement: Placement, prefetch: int = 4) -> dict[str, np.ndarray]:
+  """Per-gene sums over the rows `indices`, as float64 numpy of the real targets."""
+  stats = init_stats()
+  local = placement.local_rows(batch_size)
+  for batch in loader.eval_batches(dataset, indices, batch_size, prefetch, local):
+    stats = stats_step(stats, placement.put(batch, batch_size))
+  host = placement.fetch(stats)
+  return {k: np.asarray(v, np.float64)[:dataset.num_targets] for k, v in host.items()}
 
 
 def summarize_split(dataset: Dataset, stats: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -31,17 +35,10 @@ def summarize_split(dataset: Dataset, stats: dict[str, np.ndarray]) -> dict[str,
   return summary
 
 
-def evaluate(dataset: Dataset, split: str, batch_size: int, stats_step: StatsStep,
+def evaluate(dataset: Dataset, indices: np.ndarray, batch_size: int, stats_step: StatsStep,
+             init_stats: Callable[[], dict], placement: Placement,
              prefetch: int = 4) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(summary, per-gene stats) of one split."""
-  stats = split_statistics(dataset, split, batch_size, stats_step, prefetch)
+  """(summary, per-gene stats) of the rows `indices` of `dataset`."""
+  stats = split_statistics(dataset, indices, batch_size, stats_step, init_stats, placement,
+                           prefetch)
   return summarize_split(dataset, stats), stats
-
-
-def make_stats_step(predict: Callable[[Any, np.ndarray], Any]) -> StatsStep:
-  """A jitted stats step from predict(x) -> y_hat; stats buffers are donated."""
-
-  def step(stats, batch):
-    return metrics.accumulate(stats, batch["y"], predict(batch["x"]), batch["weight"])
-
-  return jax.jit(step, donate_argnums=0)

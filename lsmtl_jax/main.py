@@ -8,6 +8,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from lsmtl_jax import parallel
 from lsmtl_jax import train
 from lsmtl_jax.data.store import DatasetError
 
@@ -35,7 +36,7 @@ def main(argv):
                jax.default_backend(), jax.process_count(), jax.device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, DatasetError) as e:
+  except (train.ConfigError, parallel.MeshError, DatasetError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

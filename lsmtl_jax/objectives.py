@@ -17,13 +17,19 @@ import jax
 import jax.numpy as jnp
 
 
-def task_loss(y: jnp.ndarray, y_hat: jnp.ndarray, kind: str = "mse") -> jnp.ndarray:
+def task_loss(y: jnp.ndarray, y_hat: jnp.ndarray, kind: str = "mse",
+              valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Mean over examples and real tasks; `valid` (1 per real task) drops padding."""
   err = y_hat - y
   if kind == "mse":
-    return jnp.mean(jnp.square(err))
-  if kind == "mae":
-    return jnp.mean(jnp.abs(err))
-  raise ValueError(f"loss.task must be 'mse' or 'mae', got {kind!r}")
+    per_entry = jnp.square(err)
+  elif kind == "mae":
+    per_entry = jnp.abs(err)
+  else:
+    raise ValueError(f"loss.task must be 'mse' or 'mae', got {kind!r}")
+  if valid is None:
+    return jnp.mean(per_entry)
+  return jnp.sum(per_entry * valid) / (y.shape[0] * jnp.sum(valid))
 
 
 def sample_task_mask(key: jax.Array, shape: tuple[int, int], rate: float,
@@ -36,9 +42,16 @@ def sample_task_mask(key: jax.Array, shape: tuple[int, int], rate: float,
 
 def reconstruction_loss(y_hat: jnp.ndarray, mask: jnp.ndarray,
                         relation: Callable[[jnp.ndarray], jnp.ndarray],
-                        stop_gradient_target: bool = False) -> jnp.ndarray:
-  """Mean squared error of g's reconstruction over the masked entries only."""
-  reconstruction = relation((1.0 - mask) * y_hat)
+                        stop_gradient_target: bool = False,
+                        valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Mean squared error of g's reconstruction over the masked entries only.
+
+  Padding tasks (`valid` = 0) are neither shown to g nor scored.
+  """
+  visible = 1.0 - mask
+  if valid is not None:
+    mask, visible = mask * valid, visible * valid
+  reconstruction = relation(visible * y_hat)
   target = jax.lax.stop_gradient(y_hat) if stop_gradient_target else y_hat
   squared = mask * jnp.square(target - reconstruction)
   return jnp.sum(squared) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -8,6 +8,7 @@ checkpoint, and because batches, dropout and task masks are all derived from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -18,6 +19,8 @@ from absl import logging
 import flax.linen as nn
 from flax.training import train_state
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -27,6 +30,7 @@ from lsmtl_jax import evaluation
 from lsmtl_jax import metrics
 from lsmtl_jax import models
 from lsmtl_jax import objectives
+from lsmtl_jax import parallel
 from lsmtl_jax import perf
 from lsmtl_jax import results as results_lib
 from lsmtl_jax.checkpoints import Checkpoints
@@ -97,7 +101,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(other in METHOD_NAMES, f"compare_with names unknown method {other!r}")
 
 
+def _open(path: str) -> store.Dataset:
+  if not os.path.exists(path):
+    raise store.DatasetError(
+        f"{path}: prepared dataset not found; create it with python -m lsmtl_jax.prepare "
+        "(see README, 'Real data') or point --config.data.path at it")
+  return store.open_dataset(path)
+
+
 def load_dataset(config: ml_collections.ConfigDict) -> store.Dataset:
+  """The training dataset: the synthetic demo compendium or a prepared directory."""
   if config.data.synthetic.enabled:
     fields = dict(config.data.synthetic.to_dict())
     fields.pop("enabled")
@@ -106,11 +119,39 @@ def load_dataset(config: ml_collections.ConfigDict) -> store.Dataset:
     raise store.DatasetError(
         "config.data.path is empty: prepare a dataset first (python -m lsmtl_jax.prepare "
         "--config=configs/prepare/geo.py ...) and pass --config.data.path=DIR")
-  if not os.path.exists(config.data.path):
-    raise store.DatasetError(
-        f"{config.data.path}: prepared dataset not found; create it with python -m "
-        "lsmtl_jax.prepare (see README, 'Real data') or point --config.data.path at it")
-  return store.open_dataset(config.data.path)
+  return _open(config.data.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  dataset: store.Dataset
+  indices: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The training dataset and where validation and test rows come from."""
+
+  train: store.Dataset
+  eval_sets: dict[str, EvalSet]
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """Validation and test are splits of the training dataset, or (cross-platform,
+  data.val_path / data.test_path) the named split of another prepared dataset
+  with the same genes in the same order."""
+  train_ds = load_dataset(config)
+  eval_sets = {}
+  for name, path, split in (("val", config.data.val_path, config.data.val_split),
+                            ("test", config.data.test_path, config.data.test_split)):
+    ds = _open(path) if path else train_ds
+    if ds is not train_ds:
+      for kind in ("landmarks", "targets"):
+        if ds.meta[kind]["ids"] != train_ds.meta[kind]["ids"]:
+          raise store.DatasetError(f"{path}: its {kind} differ from the training dataset's "
+                                   f"({train_ds.path}); prepare both with the same gene maps")
+    eval_sets[name] = EvalSet(ds, ds.split(split))
+  return Data(train_ds, eval_sets)
 
 
 # ----------------------------------------------------------------------------
@@ -166,13 +207,24 @@ def init_variables(key, regressor, relation, num_landmarks: int, num_targets: in
   return params, variables.get("batch_stats", {})
 
 
-def create_train_state(key, config, regressor, relation, num_landmarks, num_targets,
-                       tx) -> TrainState:
-  params, batch_stats = jax.jit(functools.partial(
-      init_variables, regressor=regressor, relation=relation, num_landmarks=num_landmarks,
-      num_targets=num_targets))(key)
-  return TrainState.create(apply_fn=regressor.apply, params=nn.meta.unbox(params),
-                           batch_stats=nn.meta.unbox(batch_stats), tx=tx)
+def create_train_state(key, regressor, relation, num_landmarks, num_targets, tx, mesh=None,
+                       rules=()):
+  """(state, shardings): parameters and optimizer state are created already sharded.
+
+  eval_shape gives the logical axes of every leaf (optimizer moments included),
+  the rules map them onto the mesh, and the jitted init writes each shard in place.
+  """
+  def boxed_state(k):
+    params, batch_stats = init_variables(k, regressor, relation, num_landmarks, num_targets)
+    return TrainState.create(apply_fn=regressor.apply, params=params, batch_stats=batch_stats,
+                             tx=tx)
+
+  if mesh is None:
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 1, "model": 1}),
+                              jax.devices()[:1])
+  shardings = parallel.shardings_of(jax.eval_shape(boxed_state, key), mesh, rules)
+  state = jax.jit(lambda k: nn.meta.unbox(boxed_state(k)), out_shardings=shardings)(key)
+  return state, shardings
 
 
 # ----------------------------------------------------------------------------
@@ -180,24 +232,41 @@ def create_train_state(key, config, regressor, relation, num_landmarks, num_targ
 # ----------------------------------------------------------------------------
 
 
+def _pad_targets(y: jnp.ndarray, num_padded: int) -> jnp.ndarray:
+  return jnp.pad(y, ((0, 0), (0, num_padded - y.shape[1])))
+
+
+def _valid_targets(num_targets: int, num_padded: int) -> jnp.ndarray | None:
+  if num_padded == num_targets:
+    return None
+  return (jnp.arange(num_padded) < num_targets).astype(jnp.float32)
+
+
 def loss_and_gradients(state: TrainState, batch, *, regressor, relation, config, base_key):
   """(gradients, new batch statistics, step metrics). Dropout and task-mask keys
-  derive from (seed, step), so a resumed run draws exactly what it would have."""
+  derive from (seed, step), so a resumed run draws exactly what it would have.
+
+  The head may be wider than the targets (padding so the model axis divides it):
+  padded outputs are masked out of both loss terms.
+  """
   step_key = jax.random.fold_in(base_key, state.step)
   dropout_key, mask_key = jax.random.split(step_key)
   lsmtl = config.lsmtl
+  num_padded = regressor.num_targets
+  valid = _valid_targets(batch["y"].shape[1], num_padded)
+  y = _pad_targets(batch["y"], num_padded)
 
   def loss_fn(params):
     y_hat, updates = regressor.apply(
         {"params": params["regressor"], "batch_stats": state.batch_stats}, batch["x"],
         train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-    l_task = objectives.task_loss(batch["y"], y_hat, config.loss.task)
+    l_task = objectives.task_loss(y, y_hat, config.loss.task, valid)
     l_rec = jnp.zeros((), jnp.float32)
     if relation is not None:
       mask = objectives.sample_task_mask(mask_key, y_hat.shape, lsmtl.mask_rate,
                                          per_batch=lsmtl.mask_per == "batch")
       g = lambda u: relation.apply({"params": params["relation"]}, u)
-      l_rec = objectives.reconstruction_loss(y_hat, mask, g, lsmtl.stop_gradient_target)
+      l_rec = objectives.reconstruction_loss(y_hat, mask, g, lsmtl.stop_gradient_target, valid)
     total = l_task + lsmtl.lam * l_rec
     return total, (updates["batch_stats"], l_task, l_rec)
 
@@ -215,8 +284,10 @@ def train_step(state: TrainState, batch, **kw):
 
 
 def eval_stats_step(variables, stats, batch, *, regressor):
+  """Adds one batch's per-gene sums (over the padded head width) to `stats`."""
   y_hat = regressor.apply(variables, batch["x"], train=False)
-  return metrics.accumulate(stats, batch["y"], y_hat, batch["weight"])
+  y = _pad_targets(batch["y"], regressor.num_targets)
+  return metrics.accumulate(stats, y, y_hat, batch["weight"])
 
 
 # ----------------------------------------------------------------------------
@@ -252,24 +323,34 @@ def _summary_writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
-def _evaluate_variables(dataset, split, config, variables, stats_step):
-  return evaluation.evaluate(dataset, split, config.train.eval_batch_size,
-                             functools.partial(stats_step, variables), config.data.prefetch)
+def _variables_of(state: TrainState):
+  return {"params": state.params["regressor"], "batch_stats": state.batch_stats}
 
 
-def _train_network(config, workdir: str, dataset: store.Dataset) -> dict[str, Any]:
+def _train_network(config, workdir: str, data: "Data") -> dict[str, Any]:
+  dataset = data.train
   num_l, num_t = dataset.num_landmarks, dataset.num_targets
-  regressor, relation = create_model(config, num_t)
+  mesh = parallel.make_mesh(config.mesh)
+  placement = parallel.Placement(mesh)
+  for name in ("batch_size", "eval_batch_size"):
+    if config.train[name] % mesh.shape["data"]:
+      raise parallel.MeshError(f"config: train.{name}={config.train[name]} is not divisible by "
+                               f"the data axis ({mesh.shape['data']})")
+  num_padded = parallel.padded_targets(num_t, config.mesh.target_multiple, mesh.shape["model"])
+  regressor, relation = create_model(config, num_padded)
   order = loader.TrainOrder(dataset.split(config.data.train_split), config.train.batch_size,
                             config.seed)
   num_steps = (config.train.num_steps if config.train.num_steps > 0 else
                config.train.num_epochs * order.steps_per_epoch)
   init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = create_train_state(init_key, config, regressor, relation, num_l, num_t,
-                             create_optimizer(config, num_steps))
-  logging.info("%s: %s parameters, %d steps of %d (%d per epoch)", METHOD_NAMES[config.method],
-               f"{sum(x.size for x in jax.tree.leaves(state.params)):,}", num_steps,
-               config.train.batch_size, order.steps_per_epoch)
+  state, state_shardings = create_train_state(
+      init_key, regressor, relation, num_l, num_padded, create_optimizer(config, num_steps),
+      mesh, parallel.logical_rules(config.mesh))
+  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  logging.info("%s: %s parameters, %d steps of %d (%d per epoch), mesh %s, %d targets padded "
+               "to %d", METHOD_NAMES[config.method], f"{num_params:,}", num_steps,
+               config.train.batch_size, order.steps_per_epoch, dict(mesh.shape), num_t,
+               num_padded)
 
   ckpts = Checkpoints(workdir)
   loop = {"step": 0, "best_val_mae": math.inf, "best_step": -1, "evals_since_best": 0,
@@ -280,17 +361,32 @@ def _train_network(config, workdir: str, dataset: store.Dataset) -> dict[str, An
     state, loop = restored
     logging.info("Resumed from step %d in %s", loop["step"], workdir)
 
-  step_fn = jax.jit(functools.partial(train_step, regressor=regressor, relation=relation,
-                                      config=config, base_key=base_key), donate_argnums=0)
+  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, regressor=regressor, relation=relation, config=config,
+                        base_key=base_key),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  variables_shardings = _variables_of(state_shardings)
+  stats_sharding = {k: NamedSharding(mesh, P("model")) for k in metrics.STAT_NAMES}
   stats_step = jax.jit(functools.partial(eval_stats_step, regressor=regressor),
-                       donate_argnums=1)
-  variables_of = lambda s: {"params": s.params["regressor"], "batch_stats": s.batch_stats}
+                       in_shardings=(variables_shardings, stats_sharding, batch_sharding),
+                       out_shardings=stats_sharding, donate_argnums=1)
+  init_stats = jax.jit(lambda: metrics.zeros(num_padded), out_shardings=stats_sharding)
+
+  def evaluate(split: str, variables):
+    eval_set = data.eval_sets[split]
+    summary, _ = evaluation.evaluate(
+        eval_set.dataset, eval_set.indices, config.train.eval_batch_size,
+        functools.partial(stats_step, variables), init_stats, placement, config.data.prefetch)
+    return summary
 
   flops = perf.train_flops_per_example(config.model, num_l, num_t,
                                        config.lsmtl.bottleneck if relation else 0)
   peak = perf.measured_matmul_peak()
-  logging.info("Model FLOPs per training example: %.3g; measured %s matmul peak: %.1f GFLOP/s",
-               flops, jax.default_backend(), peak / 1e9)
+  logging.info("Model FLOPs per training example: %.3g; measured %s matmul peak: %.1f GFLOP/s "
+               "per device", flops, jax.default_backend(), peak / 1e9)
+  peak *= jax.device_count()
   writer = _summary_writer(workdir)
   session_start = time.perf_counter()
   train_seconds_before = loop["train_seconds"]
@@ -302,20 +398,22 @@ def _train_network(config, workdir: str, dataset: store.Dataset) -> dict[str, An
 
   start_step = int(loop["step"])
   if start_step < num_steps and not loop["stopped_early"]:
-    batches = loader.train_batches(dataset, order, start_step, num_steps, config.data.prefetch)
+    batch_size = config.train.batch_size
+    batches = loader.train_batches(dataset, order, start_step, num_steps, config.data.prefetch,
+                                   placement.local_rows(batch_size))
     timer, window, window_steps, first_window = _Throughput(), None, 0, True
     for step in range(start_step, num_steps):
-      state, step_metrics = step_fn(state, next(batches))
+      state, step_metrics = step_fn(state, placement.put(next(batches), batch_size))
       window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
       window_steps += 1
       done = step + 1
 
       if done % config.train.log_every == 0 or done == num_steps:
-        means = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+        means = {k: float(v) / window_steps for k, v in placement.fetch(window).items()}
         seconds = timer.lap()
-        rate = window_steps * config.train.batch_size / seconds
+        rate = window_steps * batch_size / seconds
         if not first_window:  # the first window holds the compilation
-          loop["timed_examples"] += window_steps * config.train.batch_size
+          loop["timed_examples"] += window_steps * batch_size
           loop["timed_seconds"] += seconds
         first_window = False
         eta = (num_steps - done) * seconds / window_steps
@@ -333,12 +431,11 @@ def _train_network(config, workdir: str, dataset: store.Dataset) -> dict[str, An
 
       pause_start = time.perf_counter()
       if done % config.train.eval_every == 0 or done == num_steps:
-        val, _ = _evaluate_variables(dataset, config.data.val_split, config, variables_of(state),
-                                     stats_step)
+        val = evaluate("val", _variables_of(state))
         improved = val["mae_mean"] < loop["best_val_mae"]
         if improved:
           loop.update(best_val_mae=val["mae_mean"], best_step=done, evals_since_best=0)
-          ckpts.save_best(done, variables_of(state), {"step": done, "val": val})
+          ckpts.save_best(done, _variables_of(state), {"step": done, "val": val})
         else:
           loop["evals_since_best"] += 1
         logging.info("step %d val MAE %.5f CC %.5f%s", done, val["mae_mean"], val["cc_mean"],
@@ -356,50 +453,56 @@ def _train_network(config, workdir: str, dataset: store.Dataset) -> dict[str, An
       timer.pause(time.perf_counter() - pause_start)
       if loop["stopped_early"]:
         break
-  final_step = int(loop["step"])
 
-  best = ckpts.restore_best(variables_of(state))
-  best_variables = best[0] if best is not None else variables_of(state)
-  splits = {}
-  for name, split in (("val", config.data.val_split), ("test", config.data.test_split)):
-    splits[name], _ = _evaluate_variables(dataset, split, config, best_variables, stats_step)
+  best = ckpts.restore_best(_variables_of(state))
+  best_variables = best[0] if best is not None else _variables_of(state)
+  splits = {name: evaluate(name, best_variables) for name in ("val", "test")}
   ckpts.close()
   if writer:
     writer.close()
   rate = loop["timed_examples"] / loop["timed_seconds"] if loop["timed_seconds"] else 0.0
-  return {"steps": final_step, "train_seconds": loop["train_seconds"],
+  return {"steps": int(loop["step"]), "train_seconds": loop["train_seconds"],
           "examples_per_sec": rate, "splits": splits,
           "extra": {"best_step": loop["best_step"], "stopped_early": loop["stopped_early"],
                     "flops_per_example": flops, "mfu": rate * flops / peak,
-                    "matmul_peak_flops": peak,
-                    "num_parameters": int(sum(x.size for x in jax.tree.leaves(state.params)))}}
+                    "matmul_peak_flops": peak, "num_parameters": num_params,
+                    "mesh": dict(mesh.shape), "padded_targets": num_padded}}
 
 
-def _fit_lsr(config, dataset: store.Dataset) -> dict[str, Any]:
+def _fit_lsr(config, data: "Data") -> dict[str, Any]:
+  dataset = data.train
   start = time.perf_counter()
   weights, bias = linear.fit(dataset, config.data.train_split, config.train.eval_batch_size,
                              config.lsr.ridge, config.data.prefetch)
   seconds = time.perf_counter() - start
-  w, b = jnp.asarray(weights, jnp.float32), jnp.asarray(bias, jnp.float32)
-  stats_step = evaluation.make_stats_step(lambda x: x @ w + b)
+  mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
+  placement = parallel.Placement(mesh)
+  w, b = jax.device_put((jnp.asarray(weights, jnp.float32), jnp.asarray(bias, jnp.float32)),
+                        parallel.replicated(mesh))
+  stats_step = jax.jit(lambda stats, batch: metrics.accumulate(
+      stats, batch["y"], batch["x"] @ w + b, batch["weight"]), donate_argnums=0)
+  init_stats = jax.jit(lambda: metrics.zeros(dataset.num_targets),
+                       out_shardings=parallel.replicated(mesh))
+  eval_batch = math.lcm(config.train.eval_batch_size, mesh.shape["data"])
   splits = {}
-  for name, split in (("val", config.data.val_split), ("test", config.data.test_split)):
-    splits[name], _ = evaluation.evaluate(dataset, split, config.train.eval_batch_size,
-                                          stats_step, config.data.prefetch)
+  for name, eval_set in data.eval_sets.items():
+    splits[name], _ = evaluation.evaluate(eval_set.dataset, eval_set.indices, eval_batch,
+                                          stats_step, init_stats, placement,
+                                          config.data.prefetch)
   n_train = len(dataset.split(config.data.train_split))
   return {"steps": 1, "train_seconds": seconds, "examples_per_sec": n_train / seconds,
           "splits": splits, "extra": {"num_parameters": int(w.size + b.size)}}
 
 
-def _run_one(config, workdir: str, dataset: store.Dataset) -> dict[str, Any]:
+def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   if _is_writer():
     results_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
   logging.info("Running %s in %s", METHOD_NAMES[config.method], workdir)
   if config.method in NETWORK_METHODS:
-    run = _train_network(config, workdir, dataset)
+    run = _train_network(config, workdir, data)
   else:
-    run = _fit_lsr(config, dataset)
+    run = _fit_lsr(config, data)
   results = {"method": config.method, "config": config.to_dict(), **run}
   if _is_writer():
     results_lib.write_results(workdir, method=config.method, config=config.to_dict(),
@@ -419,8 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = resolve_method(config)
   validate_config(config)
-  dataset = load_dataset(config)
-  main = _run_one(config, workdir, dataset)
+  data = load_data(config)
+  main = _run_one(config, workdir, data)
   if not config.compare_with:
     return main
   rows = [main]
@@ -428,11 +531,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.method, sub.compare_with = other, ()
     sub = resolve_method(sub)
-    rows.append(_run_one(sub, os.path.join(workdir, "compare", other), dataset))
+    rows.append(_run_one(sub, os.path.join(workdir, "compare", other), data))
   table = results_lib.format_table([dict(r, method=METHOD_NAMES[r["method"]]) for r in rows])
   if _is_writer():
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
       f.write(table + "\n")
-    print(f"\nStandardized units, {dataset.num_targets} targets, "
-          f"{len(dataset.split(config.data.test_split))} test profiles:\n{table}\n", flush=True)
+    test = data.eval_sets["test"]
+    print(f"\nStandardized units, {test.dataset.num_targets} targets, "
+          f"{len(test.indices)} test profiles:\n{table}\n", flush=True)
   return main

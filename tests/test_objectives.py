@@ -115,8 +115,8 @@ def _step_grads(lam, stop_gradient_target=False):
   c.lsmtl.lam, c.lsmtl.mask_rate, c.lsmtl.stop_gradient_target = lam, 0.3, stop_gradient_target
   num_l = 5
   reg, rel = train.create_model(c, T)
-  state = train.create_train_state(jax.random.PRNGKey(0), c, reg, rel, num_l, T,
-                                   train.create_optimizer(c, 10))
+  state, _ = train.create_train_state(jax.random.PRNGKey(0), reg, rel, num_l, T,
+                                      train.create_optimizer(c, 10))
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.normal(size=(B, num_l)), jnp.float32),
            "y": jnp.asarray(rng.normal(size=(B, T)), jnp.float32)}

@@ -91,18 +91,23 @@ def _prefetch(dataset: Dataset, row_batches: Iterator[np.ndarray], depth: int,
 
 
 def train_batches(dataset: Dataset, order: TrainOrder, start_step: int, num_steps: int,
-                  prefetch: int = 4) -> Iterator[Batch]:
-  """Batches for steps start_step .. num_steps - 1."""
-  rows = (order.rows(s) for s in range(start_step, num_steps))
+                  prefetch: int = 4, local: slice = slice(None)) -> Iterator[Batch]:
+  """Batches for steps start_step .. num_steps - 1.
+
+  `local` picks this process's rows of each global batch: a process reads only
+  what its devices hold.
+  """
+  rows = (order.rows(s)[local] for s in range(start_step, num_steps))
   lm = dataset.num_landmarks
   return _prefetch(dataset, rows, prefetch, lambda r, values: _split_columns(values, lm))
 
 
 def eval_batches(dataset: Dataset, indices: np.ndarray, batch_size: int,
-                 prefetch: int = 4) -> Iterator[Batch]:
+                 prefetch: int = 4, local: slice = slice(None)) -> Iterator[Batch]:
   """The whole split in order; the last batch is padded and carries weight 0 on pads.
 
-  Fixed batch shapes keep the compiled eval step to one program.
+  Fixed batch shapes keep the compiled eval step to one program. `local` picks
+  this process's rows of each global batch.
   """
   indices = np.asarray(indices)
   lm = dataset.num_landmarks
@@ -110,20 +115,20 @@ def eval_batches(dataset: Dataset, indices: np.ndarray, batch_size: int,
   def row_batches():
     for start in range(0, len(indices), batch_size):
       rows = indices[start:start + batch_size]
-      real = len(rows)
-      yield np.concatenate([rows, np.repeat(rows[:1], batch_size - real)]), real
+      weight = (np.arange(batch_size) < len(rows)).astype(np.float32)
+      rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])
+      yield rows[local], weight[local]
 
-  real_counts = collections.deque()
+  weights = collections.deque()
 
   def rows_only():
-    for rows, real in row_batches():
-      real_counts.append(real)
+    for rows, weight in row_batches():
+      weights.append(weight)
       yield rows
 
   def make(rows, values):
-    real = real_counts.popleft()
     batch = _split_columns(values, lm)
-    batch["weight"] = (np.arange(batch_size) < real).astype(np.float32)
+    batch["weight"] = weights.popleft()
     return batch
 
   return _prefetch(dataset, rows_only(), prefetch, make)
