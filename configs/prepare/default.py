@@ -1,0 +1,69 @@
+"""Every field of `python -m lsmtl_jax.prepare`, commented. Other prepare configs import this.
+
+  python -m lsmtl_jax.prepare --config=configs/prepare/geo.py \
+    --config.input.path=bgedv2_QNORM.gctx --config.genes.landmark_map=map_lm.txt \
+    --config.genes.target_map=map_tg.txt --config.output=DATA/geo
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.name = "custom"  # stored in meta.json
+  config.output = ""  # the dataset directory to create; must not exist yet
+  config.seed = 0  # k-means, the sketch basis and the split derive from it
+  config.block_rows = 1024  # rows per streamed block (rounded to whole HDF5 chunks)
+  config.memory_budget_mb = 1024  # candidate rows held for the exact duplicate check
+  config.checksum_inputs = True  # sha256 of every input file into meta.json
+
+  config.input = ml_collections.ConfigDict()
+  config.input.path = ""
+  config.input.format = "auto"  # gctx, gct, table (tab/CSV), npy; auto: by extension
+  config.input.id_column = 0  # table: the gene id column (0-based)
+  config.input.first_value_column = 1  # table: the first sample column (0-based)
+  config.input.delimiter = "auto"  # table: ',' for .csv, tab otherwise
+  config.input.strip_versions = True  # ENSG00000175063.12 -> ENSG00000175063
+  config.input.gene_ids = ""  # npy: a file of gene ids, one per line
+  config.input.sample_ids = ""  # npy: a file of sample ids (default S0, S1, ...)
+  # 'log2p1' takes log2(max(v, 0) + 1) of each value before probe averaging (RPKM
+  # inputs). Quantile normalization is rank based, so this changes only the
+  # duplicate distances and nothing else.
+  config.input.transform = "none"
+
+  config.genes = ml_collections.ConfigDict()
+  # D-GEX maps: tab-separated symbol, Ensembl id, comma-separated probes.
+  config.genes.landmark_map = ""
+  config.genes.target_map = ""
+  # Which map field names the data columns: 'probes' (microarray: a gene is the
+  # mean of its probes), 'ensembl' (RNA-seq with Ensembl ids), 'symbol'.
+  config.genes.map_key = "probes"
+  # Or plain lists, one gene id (optionally id<TAB>symbol) per line.
+  config.genes.landmark_ids = ""
+  config.genes.target_ids = ""
+  config.genes.allow_missing_landmarks = False  # else a landmark absent from the data is an error
+  # Targets that copy a landmark (same gene id or data column, or identical
+  # values in every sample): 'drop' (reported in meta.json), 'error', 'keep'.
+  config.genes.copy_targets = "drop"
+
+  # NaN/Inf in the selected columns: 'error' (count and first location),
+  # 'impute' (the gene's mean over finite values), 'drop' (drop those samples).
+  config.nonfinite = "error"
+
+  # D-GEX duplicate removal: k-means clusters, then within a cluster drop a
+  # sample closer than `threshold` (Euclidean) to an earlier kept one.
+  config.dedup = ml_collections.ConfigDict()
+  config.dedup.enabled = False
+  config.dedup.num_clusters = 100
+  config.dedup.threshold = 1.0
+  config.dedup.sketch_dim = 256  # per-row sketch that rules out far pairs; memory 8 B each
+
+  # Another platform: genes, quantile reference and standardization statistics
+  # come from this prepared dataset (e.g. the GEO one), so models trained there
+  # apply here. Needs split.mode train, val or test.
+  config.reference_dataset = ""
+
+  config.split = ml_collections.ConfigDict()
+  config.split.mode = "random"  # or 'train', 'val', 'test': the whole dataset as that split
+  config.split.fractions = (0.8, 0.1, 0.1)
+  return config

@@ -1,0 +1,389 @@
+"""Expression matrix readers and writers: GCTx, GCT text, tab/CSV tables, .npy.
+
+Every reader presents the same view, samples x genes, whatever the file's
+orientation: `sample_ids`, `gene_ids` (the file's column/probe ids) and
+`read_rows(start, stop)` returning float32 `[stop - start, num_genes]`.
+
+GCTx is HDF5 in the layout cmapPy and cmapR write: the matrix at
+`/0/DATA/0/matrix` is stored `[samples, genes]` (cmapPy writes
+`data_df.transpose()`, its data frame being genes x samples), gene ids at
+`/0/META/ROW/id` (length = matrix.shape[1]) and sample ids at `/0/META/COL/id`
+(length = matrix.shape[0]). It is read in row blocks, never whole, so a file
+larger than memory is fine. The text formats are parsed into memory (convert a
+large text matrix to GCTx with `write_gctx` first). Files are opened read-only.
+
+Every problem with an input raises `PrepareError` with a one-line message that
+names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+DATA_NODE = "0/DATA/0/matrix"
+ROW_ID_NODE = "0/META/ROW/id"  # genes
+COL_ID_NODE = "0/META/COL/id"  # samples
+GCTX_VERSION = "GCTX1.0"
+_VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+(_PAR_Y)?$")
+
+
+class PrepareError(ValueError):
+  """Bad input or configuration for prepare; the message is one line naming the file."""
+
+
+def strip_version(gene_id: str) -> str:
+  """ENSG00000175063.12 -> ENSG00000175063 (Ensembl ids only; others unchanged)."""
+  m = _VERSION_SUFFIX.match(gene_id)
+  if m is None:
+    return gene_id
+  return m.group(1) + (m.group(2) or "")
+
+
+def _check_unique(ids: Sequence[str], what: str, path: str) -> None:
+  seen: dict[str, int] = {}
+  dups = []
+  for i, x in enumerate(ids):
+    if x in seen:
+      dups.append((x, seen[x], i))
+    else:
+      seen[x] = i
+  if dups:
+    x, a, b = dups[0]
+    raise PrepareError(f"{path}: {len(dups)} duplicate {what} id(s), first {x!r} at "
+                       f"positions {a} and {b}")
+
+
+def _decode(ids) -> list[str]:
+  return [x.decode() if isinstance(x, bytes) else str(x) for x in ids]
+
+
+class Matrix:
+  """A samples x genes matrix behind a file. Subclasses implement `_read`."""
+
+  path: str
+  sample_ids: list[str]
+  gene_ids: list[str]
+  row_chunk: int = 1  # rows per storage chunk; block reads align to it
+
+  @property
+  def num_samples(self) -> int:
+    return len(self.sample_ids)
+
+  @property
+  def num_genes(self) -> int:
+    return len(self.gene_ids)
+
+  def read_rows(self, start: int, stop: int) -> np.ndarray:
+    return self._read(start, stop)
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class GctxMatrix(Matrix):
+  """A GCTx file read in row blocks through h5py."""
+
+  def __init__(self, path: str):
+    self.path = path
+    if not os.path.isfile(path):
+      raise PrepareError(f"{path}: no such file")
+    try:
+      # A 64 MB chunk cache so that a block of rows decompresses each chunk once.
+      self._file = h5py.File(path, "r", rdcc_nbytes=64 << 20)
+    except OSError as e:
+      raise PrepareError(f"{path}: not a readable HDF5 file (truncated or not GCTx?): "
+                         f"{_first_line(e)}") from None
+    try:
+      for node in (DATA_NODE, ROW_ID_NODE, COL_ID_NODE):
+        if node not in self._file:
+          raise PrepareError(f"{path}: not a GCTx file: no /{node}")
+      data = self._file[DATA_NODE]
+      if not isinstance(data, h5py.Dataset) or data.ndim != 2:
+        raise PrepareError(f"{path}: /{DATA_NODE} is not a 2-D dataset")
+      if data.dtype.kind not in "fiu":
+        raise PrepareError(f"{path}: /{DATA_NODE} holds {data.dtype}, not numbers")
+      self.gene_ids = _decode(self._file[ROW_ID_NODE][()])
+      self.sample_ids = _decode(self._file[COL_ID_NODE][()])
+      n_rows, n_cols = data.shape
+      if (n_rows, n_cols) != (len(self.sample_ids), len(self.gene_ids)):
+        hint = ""
+        if (n_rows, n_cols) == (len(self.gene_ids), len(self.sample_ids)):
+          hint = " (it is stored genes x samples; cmapPy's layout is samples x genes)"
+        raise PrepareError(
+            f"{path}: matrix shape {data.shape} does not match {len(self.sample_ids)} "
+            f"sample ids (/0/META/COL/id) x {len(self.gene_ids)} gene ids "
+            f"(/0/META/ROW/id){hint}")
+      _check_unique(self.sample_ids, "sample (/0/META/COL/id)", path)
+      _check_unique(self.gene_ids, "gene (/0/META/ROW/id)", path)
+      self._data = data
+      self.row_chunk = data.chunks[0] if data.chunks else 1
+    except PrepareError:
+      self._file.close()
+      raise
+    except (OSError, KeyError, ValueError) as e:
+      self._file.close()
+      raise PrepareError(f"{path}: unreadable GCTx: {_first_line(e)}") from None
+
+  def _read(self, start: int, stop: int) -> np.ndarray:
+    try:
+      return np.asarray(self._data[start:stop], dtype=np.float32)
+    except (OSError, ValueError) as e:
+      raise PrepareError(f"{self.path}: cannot read rows {start}-{stop} "
+                         f"(truncated file?): {_first_line(e)}") from None
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class ArrayMatrix(Matrix):
+  """A matrix held in memory or memory-mapped (.npy)."""
+
+  def __init__(self, path: str, values: np.ndarray, sample_ids: list[str],
+               gene_ids: list[str]):
+    self.path, self._values = path, values
+    self.sample_ids, self.gene_ids = sample_ids, gene_ids
+    if values.ndim != 2 or values.shape != (len(sample_ids), len(gene_ids)):
+      raise PrepareError(f"{path}: matrix shape {values.shape} does not match "
+                         f"{len(sample_ids)} samples x {len(gene_ids)} genes")
+    _check_unique(sample_ids, "sample", path)
+    _check_unique(gene_ids, "gene", path)
+
+  def _read(self, start: int, stop: int) -> np.ndarray:
+    return np.asarray(self._values[start:stop], dtype=np.float32)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+def _parse_floats(cells: Sequence[str], path: str, line_no: int, first_col: int) -> list[float]:
+  out = []
+  for j, c in enumerate(cells):
+    try:
+      out.append(float(c))
+    except ValueError:
+      raise PrepareError(f"{path}: line {line_no}, column {first_col + j + 1}: "
+                         f"non-numeric cell {c[:40]!r}") from None
+  return out
+
+
+def _open_text(path: str):
+  if not os.path.isfile(path):
+    raise PrepareError(f"{path}: no such file")
+  try:
+    return open(path, "r", encoding="utf-8", newline="")
+  except OSError as e:
+    raise PrepareError(f"{path}: cannot open: {_first_line(e)}") from None
+
+
+def read_gct(path: str, strip_versions: bool = False) -> ArrayMatrix:
+  """GCT text, v1.2 or v1.3: genes as rows, samples as columns (transposed here)."""
+  with _open_text(path) as f:
+    try:
+      lines = f.read().split("\n")
+    except UnicodeDecodeError:
+      raise PrepareError(f"{path}: not a text file") from None
+  if lines and lines[-1] == "":
+    lines.pop()
+  lines = [ln.rstrip("\r") for ln in lines]
+  if len(lines) < 3 or lines[0].strip() not in ("#1.2", "#1.3"):
+    raise PrepareError(f"{path}: not a GCT file (first line must be #1.2 or #1.3)")
+  version = lines[0].strip()
+  try:
+    dims = [int(x) for x in lines[1].split("\t") if x.strip()]
+  except ValueError:
+    raise PrepareError(f"{path}: line 2: dimensions are not integers") from None
+  if version == "#1.3":
+    if len(dims) != 4:
+      raise PrepareError(f"{path}: line 2: GCT 1.3 needs 4 dimensions, found {len(dims)}")
+    n_rows, n_cols, n_row_meta, n_col_meta = dims
+  else:
+    if len(dims) != 2:
+      raise PrepareError(f"{path}: line 2: GCT 1.2 needs 2 dimensions, found {len(dims)}")
+    n_rows, n_cols = dims
+    n_row_meta, n_col_meta = 1, 0  # the Description column
+  header = lines[2].split("\t")
+  first = 1 + n_row_meta
+  if len(header) != first + n_cols:
+    raise PrepareError(f"{path}: line 3 has {len(header)} fields, expected {first + n_cols}")
+  sample_ids = header[first:]
+  body = lines[3 + n_col_meta:]
+  if len(body) != n_rows:
+    raise PrepareError(f"{path}: {len(body)} data lines, header says {n_rows}")
+  gene_ids, values = [], np.empty((n_rows, n_cols), np.float32)
+  for i, line in enumerate(body):
+    cells = line.split("\t")
+    line_no = 4 + n_col_meta + i
+    if len(cells) != first + n_cols:
+      raise PrepareError(f"{path}: line {line_no} has {len(cells)} fields, "
+                         f"expected {first + n_cols}")
+    gid = cells[0]
+    gene_ids.append(strip_version(gid) if strip_versions else gid)
+    values[i] = _parse_floats(cells[first:], path, line_no, first)
+  return ArrayMatrix(path, np.ascontiguousarray(values.T), sample_ids, gene_ids)
+
+
+def read_table(path: str, id_column: int = 0, first_value_column: int = 1,
+               delimiter: str = "auto", strip_versions: bool = True) -> ArrayMatrix:
+  """A delimited matrix, genes as rows, one header line naming the samples.
+
+  GEUVADIS 1000G (GD462.GeneQuantRPKM...txt): tab, gene id (with version) in
+  column 0, values from column 4 (`id_column=0, first_value_column=4`).
+  """
+  if delimiter == "auto":
+    delimiter = "," if path.endswith(".csv") else "\t"
+  with _open_text(path) as f:
+    try:
+      header = f.readline().rstrip("\r\n").split(delimiter)
+      if len(header) <= first_value_column:
+        raise PrepareError(f"{path}: line 1 has {len(header)} fields; values are expected "
+                           f"from column {first_value_column + 1}")
+      sample_ids = [s.strip('"') for s in header[first_value_column:]]
+      gene_ids, rows = [], []
+      for line_no, line in enumerate(f, start=2):
+        line = line.rstrip("\r\n")
+        if not line:
+          continue
+        cells = line.split(delimiter)
+        if len(cells) != len(header):
+          raise PrepareError(f"{path}: line {line_no} has {len(cells)} fields, "
+                             f"header has {len(header)}")
+        gid = cells[id_column].strip('"')
+        gene_ids.append(strip_version(gid) if strip_versions else gid)
+        rows.append(_parse_floats(cells[first_value_column:], path, line_no,
+                                  first_value_column))
+    except UnicodeDecodeError:
+      raise PrepareError(f"{path}: not a text file") from None
+  if not rows:
+    raise PrepareError(f"{path}: no data lines")
+  values = np.asarray(rows, np.float32).T
+  return ArrayMatrix(path, np.ascontiguousarray(values), sample_ids, gene_ids)
+
+
+def _read_id_file(path: str) -> list[str]:
+  with _open_text(path) as f:
+    return [ln.strip() for ln in f if ln.strip()]
+
+
+def read_npy(path: str, gene_ids_path: str, sample_ids_path: str = "") -> ArrayMatrix:
+  """A [samples, genes] .npy, memory-mapped; ids come from one-per-line text files."""
+  if not os.path.isfile(path):
+    raise PrepareError(f"{path}: no such file")
+  if not gene_ids_path:
+    raise PrepareError(f"{path}: a .npy matrix needs input.gene_ids (one id per line)")
+  try:
+    values = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise PrepareError(f"{path}: not a readable .npy file: {_first_line(e)}") from None
+  if values.dtype.kind not in "fiu":
+    raise PrepareError(f"{path}: holds {values.dtype}, not numbers")
+  gene_ids = _read_id_file(gene_ids_path)
+  sample_ids = (_read_id_file(sample_ids_path) if sample_ids_path else
+                [f"S{i}" for i in range(values.shape[0] if values.ndim else 0)])
+  return ArrayMatrix(path, values, sample_ids, gene_ids)
+
+
+def detect_format(path: str) -> str:
+  lower = path.lower()
+  for ext, fmt in ((".gctx", "gctx"), (".h5", "gctx"), (".gct", "gct"), (".npy", "npy"),
+                   (".csv", "table"), (".tsv", "table"), (".txt", "table")):
+    if lower.endswith(ext):
+      return fmt
+  raise PrepareError(f"{path}: cannot tell the format from the name; set input.format")
+
+
+def open_matrix(path: str, fmt: str = "auto", *, id_column: int = 0,
+                first_value_column: int = 1, delimiter: str = "auto",
+                strip_versions: bool = True, gene_ids: str = "",
+                sample_ids: str = "") -> Matrix:
+  fmt = detect_format(path) if fmt == "auto" else fmt
+  if fmt == "gctx":
+    m = GctxMatrix(path)
+    if strip_versions:
+      m.gene_ids = [strip_version(g) for g in m.gene_ids]
+      _check_unique(m.gene_ids, "gene (after stripping version suffixes)", path)
+    return m
+  if fmt == "gct":
+    return read_gct(path, strip_versions)
+  if fmt == "table":
+    return read_table(path, id_column, first_value_column, delimiter, strip_versions)
+  if fmt == "npy":
+    return read_npy(path, gene_ids, sample_ids)
+  raise PrepareError(f"{path}: unknown format {fmt!r} (gctx, gct, table, npy)")
+
+
+# Writers. All write [samples, genes] values with sample and gene ids.
+
+
+def write_gctx(path: str, blocks: Iterable[np.ndarray] | np.ndarray, sample_ids: Sequence[str],
+               gene_ids: Sequence[str], chunk_rows: int | None = None,
+               compression: str | None = None) -> None:
+  """Writes a GCTx in cmapPy's layout, block by block, to `path` via a temporary name.
+
+  Chunks default to cmapPy's choice for a [samples, genes] matrix: up to 1,000
+  rows by as many columns as fit in 1 MB.
+  """
+  n, g = len(sample_ids), len(gene_ids)
+  if isinstance(blocks, np.ndarray):
+    blocks = [blocks]
+  if chunk_rows is None:
+    chunk = (max(1, min(n, 1000)), max(1, min(g, (1 << 18) // max(1, min(n, 1000)))))
+  else:
+    chunk = (max(1, min(n, chunk_rows)), g)
+  tmp = path + ".tmp"
+  try:
+    with h5py.File(tmp, "w") as f:
+      f.attrs["version"] = GCTX_VERSION
+      f.attrs["src"] = os.path.basename(path)
+      data = f.create_dataset(DATA_NODE, shape=(n, g), dtype=np.float32, chunks=chunk,
+                              compression=compression)
+      f.create_dataset(ROW_ID_NODE, data=np.array([s.encode() for s in gene_ids], dtype="S"))
+      f.create_dataset(COL_ID_NODE, data=np.array([s.encode() for s in sample_ids], dtype="S"))
+      start = 0
+      for block in blocks:
+        block = np.asarray(block, np.float32)
+        data[start:start + block.shape[0]] = block
+        start += block.shape[0]
+      if start != n:
+        raise ValueError(f"{path}: wrote {start} rows, expected {n}")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_gct(path: str, values: np.ndarray, sample_ids: Sequence[str],
+              gene_ids: Sequence[str]) -> None:
+  """GCT 1.3 text with no metadata fields: genes as rows."""
+  values = np.asarray(values)
+  with open(path, "w") as f:
+    f.write("#1.3\n")
+    f.write(f"{len(gene_ids)}\t{len(sample_ids)}\t0\t0\n")
+    f.write("\t".join(["id", *sample_ids]) + "\n")
+    for j, gid in enumerate(gene_ids):
+      f.write("\t".join([gid, *(repr(float(v)) for v in values[:, j])]) + "\n")
+
+
+def write_table(path: str, values: np.ndarray, sample_ids: Sequence[str],
+                gene_ids: Sequence[str], delimiter: str = "\t",
+                extra_columns: Sequence[str] = ()) -> None:
+  """Genes as rows; `extra_columns` are annotation columns between the id and the values."""
+  values = np.asarray(values)
+  with open(path, "w") as f:
+    f.write(delimiter.join(["id", *extra_columns, *sample_ids]) + "\n")
+    for j, gid in enumerate(gene_ids):
+      f.write(delimiter.join([gid, *(["."] * len(extra_columns)),
+                              *(repr(float(v)) for v in values[:, j])]) + "\n")

@@ -1,0 +1,37 @@
+"""Entry point: python -m lsmtl_jax.prepare --config=configs/prepare/geo.py --config.output=DIR ...
+
+Turns an expression matrix (GCTx, GCT, tab/CSV, .npy) into a training dataset
+(lsmtl_jax/data/prepare_lib.py describes the steps). Bad input stops it with
+one line `error: <file>: <problem>` and exit code 2, leaving no output behind.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lsmtl_jax.data import prepare_lib
+from lsmtl_jax.data.store import DatasetError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Prepare configuration file.",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    ds = prepare_lib.prepare(_CONFIG.value, log=logging.info)
+  except (prepare_lib.PrepareError, DatasetError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"prepared {ds.path}: {ds.num_samples} samples, {ds.num_landmarks} landmarks, "
+        f"{ds.num_targets} targets; splits "
+        + ", ".join(f"{k} {len(v)}" for k, v in ds.meta["splits"].items()))
+
+
+if __name__ == "__main__":
+  app.run(main)
