@@ -462,7 +462,7 @@ def _train_network(config, workdir: str, data: "Data") -> dict[str, Any]:
     writer.close()
   rate = loop["timed_examples"] / loop["timed_seconds"] if loop["timed_seconds"] else 0.0
   return {"steps": int(loop["step"]), "train_seconds": loop["train_seconds"],
-          "examples_per_sec": rate, "splits": splits,
+          "examples_per_sec": rate, "splits": splits, "state": state,
           "extra": {"best_step": loop["best_step"], "stopped_early": loop["stopped_early"],
                     "flops_per_example": flops, "mfu": rate * flops / peak,
                     "matmul_peak_flops": peak, "num_parameters": num_params,
@@ -518,7 +518,8 @@ def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs config.method (and config.compare_with) on the configured dataset.
 
-  Returns the main method's results (the content of workdir/results.json).
+  Returns the main method's results: the content of workdir/results.json, and
+  for network methods the final training state under "state".
   """
   config = resolve_method(config)
   validate_config(config)
