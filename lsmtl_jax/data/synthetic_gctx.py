@@ -116,17 +116,21 @@ def generate_gctx(path: str, num_samples: int, probes: Sequence[str],
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "GCTx file to write.")
-flags.DEFINE_integer("samples", 2000, "Number of samples.")
-flags.DEFINE_integer("probes", GEO_PROBES, "Number of probes (columns).")
-flags.DEFINE_string("maps_from", "", "LM_MAP,TG_MAP: take probe ids and gene structure from "
-                    "these D-GEX map files.")
-flags.DEFINE_string("write_maps", "", "Directory to write generated map_lm.txt / map_tg.txt.")
-flags.DEFINE_integer("landmarks", 943, "Landmarks in generated maps.")
-flags.DEFINE_integer("targets", 9520, "Targets in generated maps.")
-flags.DEFINE_float("duplicate_fraction", 0.02, "Fraction of samples that are near copies.")
-flags.DEFINE_integer("chunk_rows", 0, "HDF5 chunk rows (0: cmapPy's default chunking).")
-flags.DEFINE_integer("seed", 0, "Seed.")
+
+
+def _define_flags():
+  """Only when run as a program, so importing this module defines no flags."""
+  flags.DEFINE_string("out", None, "GCTx file to write.")
+  flags.DEFINE_integer("samples", 2000, "Number of samples.")
+  flags.DEFINE_integer("probes", GEO_PROBES, "Number of probes (columns).")
+  flags.DEFINE_string("maps_from", "", "LM_MAP,TG_MAP: take probe ids and gene structure from "
+                      "these D-GEX map files.")
+  flags.DEFINE_string("write_maps", "", "Directory to write generated map_lm.txt / map_tg.txt.")
+  flags.DEFINE_integer("landmarks", 943, "Landmarks in generated maps.")
+  flags.DEFINE_integer("targets", 9520, "Targets in generated maps.")
+  flags.DEFINE_float("duplicate_fraction", 0.02, "Fraction of samples that are near copies.")
+  flags.DEFINE_integer("chunk_rows", 0, "HDF5 chunk rows (0: cmapPy's default chunking).")
+  flags.DEFINE_integer("seed", 0, "Seed.")
 
 
 def main(argv):
@@ -149,5 +153,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["out"])
   app.run(main)
