@@ -392,3 +392,26 @@ def test_real_dgex_maps_on_a_geo_shaped_gctx(tmp_path):
   assert ds.meta["preprocessing"]["gene_columns"]["ENSG00000175063"] == ["202954_at"]
   meta = json.load(open(os.path.join(ds.path, "meta.json")))
   assert meta["format"] == store.FORMAT
+
+
+def test_nonfinite_impute_or_drop(tmp_path):
+  data, lm, tg = _case(tmp_path, n=50, dup=0.1)
+  with h5py.File(data, "r") as f:
+    values = f["0/DATA/0/matrix"][()]
+    rows, cols = f["0/META/ROW/id"][()], f["0/META/COL/id"][()]
+  probe = _read_map(lm)[0][2]
+  values[[5, 9], [r.decode() for r in rows].index(probe)] = np.nan
+  nan = str(tmp_path / "nan.gctx")
+  with h5py.File(nan, "w") as f:
+    f["0/DATA/0/matrix"], f["0/META/ROW/id"], f["0/META/COL/id"] = values, rows, cols
+  on = {"dedup.enabled": True}
+  dropped = prepare_lib.prepare(_config(nan, lm, tg, tmp_path / "d", nonfinite="drop", **on),
+                                log=_quiet)
+  kept = set(dropped.meta["sample_ids"])
+  assert cols[5].decode() not in kept and cols[9].decode() not in kept
+  assert dropped.meta["preprocessing"]["dedup"]["num_dropped"] > 0
+  imputed = prepare_lib.prepare(_config(nan, lm, tg, tmp_path / "i", nonfinite="impute", **on),
+                                log=_quiet)
+  assert cols[5].decode() in imputed.meta["sample_ids"]
+  assert imputed.meta["preprocessing"]["nonfinite"]["count"] == 2
+  assert np.isfinite(imputed.array.read().result()).all()

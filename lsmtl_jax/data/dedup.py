@@ -221,6 +221,7 @@ def run(blocks: Callable[[Iterable[int] | None], Iterable[tuple[int, np.ndarray]
     labels[start:stop] = assign(x, centres)
     sketches[start:stop], resid[start:stop] = sketch(x, basis)
   labels[~eligible] = -1
+  sketches[~eligible], resid[~eligible] = 0.0, 0.0  # (dropped rows may hold NaN)
   log(f"dedup: {len(centres)} clusters, sketch of {basis.shape[1]} dimensions")
   pairs = candidate_pairs(labels, sketches, resid, threshold)
   del sketches
