@@ -1,0 +1,321 @@
+"""Per-gene report of a finished run: python -m lsmtl_jax.report --workdir=RUN
+
+Writes WORKDIR/report/ (built in a temporary directory, then renamed):
+
+  genes.tsv             per target gene: MAE (standardized and expression units)
+                        and Lin's CC on the validation and test splits
+  cc_histogram.png      distribution of per-gene CC, validation and test
+  scatter.png           predicted vs measured on test for the best, median and
+                        worst gene by test CC
+  training_curves.png   losses and validation MAE/CC from WORKDIR/tensorboard
+                        (or the final numbers of results.json when there are
+                        no event files)
+  report.html           one page linking all of the above
+
+The per-gene numbers are recomputed from the best checkpoint and the dataset
+(float64 sums on the host), so the report does not depend on what training
+happened to log.
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from lsmtl_jax import inference
+from lsmtl_jax import metrics
+from lsmtl_jax import results as results_lib
+from lsmtl_jax import train
+from lsmtl_jax.data import store
+
+REPORT_DIR = "report"
+GENES_NAME = "genes.tsv"
+GENE_COLUMNS = ("gene_id", "symbol", "val_mae", "val_cc", "test_mae", "test_cc",
+                "val_mae_expression", "test_mae_expression")
+SCATTER_MAX_ROWS = 2000  # profiles shown in the scatter plots
+READ_ROWS = 512
+
+
+def split_statistics(run: inference.Run, dataset: store.Dataset, indices: np.ndarray,
+                     predictor: inference.Predictor) -> dict[str, np.ndarray]:
+  """Per-gene float64 sums (metrics.STAT_NAMES) of the best model on `indices`."""
+  lm = run.num_landmarks
+  stats = {k: np.zeros(run.num_targets) for k in metrics.STAT_NAMES}
+  for start in range(0, len(indices), READ_ROWS):
+    rows = dataset.read_rows(indices[start:start + READ_ROWS])
+    y = rows[:, lm:].astype(np.float64)
+    p = predictor(rows[:, :lm]).astype(np.float64)
+    stats["n"] += len(rows)
+    stats["sum_y"] += y.sum(0)
+    stats["sum_p"] += p.sum(0)
+    stats["sum_yy"] += (y * y).sum(0)
+    stats["sum_pp"] += (p * p).sum(0)
+    stats["sum_yp"] += (y * p).sum(0)
+    stats["sum_abs"] += np.abs(y - p).sum(0)
+  return stats
+
+
+def gene_metrics(run: inference.Run, predictor: inference.Predictor | None = None,
+                 splits=("val", "test")) -> dict[str, dict[str, np.ndarray]]:
+  """{split: {'mae', 'cc', 'mae_expression', 'constant'}} per target gene.
+
+  Validation and test come from where training took them (splits of the
+  training dataset, or data.val_path / data.test_path for cross-platform runs).
+  """
+  predictor = predictor or inference.Predictor(run, run.config.train.eval_batch_size)
+  try:
+    data = train.load_data(run.config)
+  except store.DatasetError as e:
+    raise inference.RunError(f"{run.workdir}: cannot open the run's evaluation data: {e}") from None
+  scale, offset = run.target_scale_and_offset()
+  out = {}
+  for name in splits:
+    eval_set = data.eval_sets[name]
+    stats = split_statistics(run, eval_set.dataset, eval_set.indices, predictor)
+    genes = metrics.per_gene(stats)
+    genes["mae_expression"] = metrics.per_gene(metrics.affine(stats, scale, offset))["mae"]
+    out[name] = genes
+  return out
+
+
+def write_genes_tsv(path: str, run: inference.Run, genes: dict) -> None:
+  ids, symbols = run.target_ids, run.meta["targets"].get("symbols", run.target_ids)
+  with open(path, "w") as f:
+    f.write("\t".join(GENE_COLUMNS) + "\n")
+    for t in range(run.num_targets):
+      values = (genes["val"]["mae"][t], genes["val"]["cc"][t], genes["test"]["mae"][t],
+                genes["test"]["cc"][t], genes["val"]["mae_expression"][t],
+                genes["test"]["mae_expression"][t])
+      f.write("\t".join([ids[t], symbols[t], *(f"{v:.6g}" for v in values)]) + "\n")
+
+
+def read_genes_tsv(path: str) -> dict[str, np.ndarray | list[str]]:
+  """Columns of a genes.tsv: ids and symbols as lists, the metrics as float64 arrays."""
+  with open(path) as f:
+    header = f.readline().rstrip("\n").split("\t")
+    rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+  cols = {name: [r[i] for r in rows] for i, name in enumerate(header)}
+  return {k: (v if k in ("gene_id", "symbol") else np.asarray(v, np.float64))
+          for k, v in cols.items()}
+
+
+def validation_metrics(run: inference.Run, predictor=None) -> dict[str, np.ndarray]:
+  """Per-target validation CC and MAE (z and expression units), from the run's
+  report/genes.tsv when it matches the run's targets, else computed now."""
+  path = os.path.join(run.workdir, REPORT_DIR, GENES_NAME)
+  if os.path.isfile(path):
+    cols = read_genes_tsv(path)
+    if cols.get("gene_id") == run.target_ids:
+      return {"cc": cols["val_cc"], "mae": cols["val_mae"],
+              "mae_expression": cols["val_mae_expression"]}
+  genes = gene_metrics(run, predictor, splits=("val",))["val"]
+  return {"cc": genes["cc"], "mae": genes["mae"], "mae_expression": genes["mae_expression"]}
+
+
+# Training curves from TensorBoard event files (TFRecord framing of Event protos).
+
+
+def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{tag: (steps, values)} of every scalar in the event files under `logdir`."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  series: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      body = data[pos + 12:pos + 12 + length]
+      pos += 12 + length + 4
+      if len(body) < length:  # a record cut short by a crash mid-write
+        break
+      event = event_pb2.Event()
+      try:
+        event.ParseFromString(body)
+      except Exception:  # pylint: disable=broad-except
+        break
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          series.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
+  return {tag: (np.array(sorted(s)), np.array([s[k] for k in sorted(s)]))
+          for tag, s in series.items()}
+
+
+# Figures.
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_cc_histogram(path: str, genes: dict) -> None:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, colour in (("val", "tab:blue"), ("test", "tab:orange")):
+    cc = genes[name]["cc"][np.isfinite(genes[name]["cc"])]
+    ax.hist(cc, bins=50, range=(min(-0.1, float(cc.min(initial=0))), 1.0), alpha=0.55,
+            color=colour, label=f"{name}: mean {cc.mean():.3f}, {cc.size} genes")
+  ax.set_xlabel("Lin's concordance correlation per target gene")
+  ax.set_ylabel("genes")
+  ax.legend(loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def pick_genes(cc: np.ndarray) -> dict[str, int]:
+  """Indices of the best, median and worst gene by CC (constant genes skipped)."""
+  ok = np.flatnonzero(np.isfinite(cc))
+  order = ok[np.argsort(cc[ok], kind="stable")]
+  return {"best": int(order[-1]), "median": int(order[len(order) // 2]),
+          "worst": int(order[0])}
+
+
+def plot_scatter(path: str, run: inference.Run, predictor, genes: dict) -> dict[str, int]:
+  data = train.load_data(run.config)
+  eval_set = data.eval_sets["test"]
+  picks = pick_genes(genes["test"]["cc"])
+  cols = np.array(list(picks.values()))
+  rows = eval_set.indices[:SCATTER_MAX_ROWS]
+  scale, offset = run.target_scale_and_offset()
+  lm = run.num_landmarks
+  ys, ps = [], []
+  for start in range(0, len(rows), READ_ROWS):
+    block = eval_set.dataset.read_rows(rows[start:start + READ_ROWS])
+    ys.append(block[:, lm + cols])
+    ps.append(predictor(block[:, :lm])[:, cols])
+  y = np.concatenate(ys) * scale[cols] + offset[cols]
+  p = np.concatenate(ps) * scale[cols] + offset[cols]
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+  for ax, (label, t), j in zip(axes, picks.items(), range(3)):
+    ax.scatter(y[:, j], p[:, j], s=6, alpha=0.5)
+    lo, hi = min(y[:, j].min(), p[:, j].min()), max(y[:, j].max(), p[:, j].max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_title(f"{label}: {run.target_ids[t]} (CC {genes['test']['cc'][t]:.3f}, "
+                 f"MAE {genes['test']['mae_expression'][t]:.3f})", fontsize=9)
+    ax.set_xlabel("measured (log2)")
+    ax.set_ylabel("predicted (log2)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return picks
+
+
+def plot_training_curves(path: str, workdir: str) -> str:
+  """Returns where the numbers came from: 'tensorboard' or 'results.json'."""
+  scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+  plt = _pyplot()
+  panels = [("loss", ["train/loss", "train/task_loss", "train/rec_loss"]),
+            ("validation MAE", ["val/mae"]), ("validation CC", ["val/cc"])]
+  if any(tag in scalars for _, tags in panels for tag in tags):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, tags) in zip(axes, panels):
+      for tag in tags:
+        if tag in scalars:
+          steps, values = scalars[tag]
+          ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=tag)
+      ax.set_title(title)
+      ax.set_xlabel("step")
+      ax.legend(fontsize=8)
+    source = "tensorboard"
+  else:
+    results = results_lib.read_results(workdir) or {"splits": {}}
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    names = [s for s in ("val", "test") if s in results["splits"]]
+    ax.bar(names, [results["splits"][s]["mae_mean"] for s in names])
+    ax.set_title("no TensorBoard events: final MAE from results.json")
+    source = "results.json"
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return source
+
+
+def _html(run: inference.Run, genes: dict, picks: dict, curves_source: str) -> str:
+  results = results_lib.read_results(run.workdir) or {}
+  rows = []
+  for name in ("val", "test"):
+    g = genes[name]
+    cc = g["cc"][np.isfinite(g["cc"])]
+    rows.append(f"<tr><td>{name}</td><td>{g['mae'].mean():.4f}</td><td>{cc.mean():.4f}</td>"
+                f"<td>{g['mae_expression'].mean():.4f}</td><td>{int(g['constant'].sum())}</td>"
+                f"<td>{int((g['cc'] >= 0.9).sum())}</td></tr>")
+  pick_text = ", ".join(f"{k} {html.escape(run.target_ids[v])}" for k, v in picks.items())
+  return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>lsmtl_jax report: {html.escape(run.workdir)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+img{{max-width:100%;border:1px solid #eee}}</style></head><body>
+<h1>{html.escape(train.METHOD_NAMES.get(run.config.method, run.config.method))} run
+{html.escape(os.path.abspath(run.workdir))}</h1>
+<p>Best checkpoint: step {run.best_step} of {results.get('steps', '?')};
+{run.num_landmarks} landmarks, {run.num_targets} targets.
+Per-gene table: <a href="{GENES_NAME}">{GENES_NAME}</a>.</p>
+<table><tr><th>split</th><th>MAE (z)</th><th>CC</th><th>MAE (log2)</th>
+<th>constant genes</th><th>genes with CC &ge; 0.9</th></tr>{''.join(rows)}</table>
+<h2>Per-gene CC</h2><img src="cc_histogram.png" alt="CC histogram">
+<h2>Predicted vs measured (test): {pick_text}</h2><img src="scatter.png" alt="scatter plots">
+<h2>Training curves (from {curves_source})</h2>
+<img src="training_curves.png" alt="training curves">
+</body></html>
+"""
+
+
+FIGURES = ("cc_histogram.png", "scatter.png", "training_curves.png")
+
+
+def write_report(workdir: str, run: inference.Run | None = None) -> str:
+  """Builds WORKDIR/report/ and returns its path; an existing report is replaced."""
+  run = run or inference.load_run(workdir)
+  predictor = inference.Predictor(run, run.config.train.eval_batch_size)
+  genes = gene_metrics(run, predictor)
+  final = os.path.join(workdir, REPORT_DIR)
+  tmp = tempfile.mkdtemp(prefix=f"{REPORT_DIR}.tmp-", dir=workdir)
+  try:
+    write_genes_tsv(os.path.join(tmp, GENES_NAME), run, genes)
+    plot_cc_histogram(os.path.join(tmp, "cc_histogram.png"), genes)
+    picks = plot_scatter(os.path.join(tmp, "scatter.png"), run, predictor, genes)
+    source = plot_training_curves(os.path.join(tmp, "training_curves.png"), workdir)
+    with open(os.path.join(tmp, "report.html"), "w") as f:
+      f.write(_html(run, genes, picks, source))
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return final
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  workdir = flags.FLAGS.workdir
+  try:
+    path = write_report(workdir)
+  except (inference.RunError, store.DatasetError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"report: {os.path.join(path, 'report.html')}")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "A finished training run.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
