@@ -1,0 +1,401 @@
+"""Infer target genes for new landmark profiles with a trained run.
+
+  python -m lsmtl_jax.predict --workdir=RUN --input=profiles.gctx --output=full.gctx
+
+Input: GCTx, GCT, CSV/TSV (genes as rows) or .npy ([samples, genes] with
+--gene_ids). Landmarks are matched by id, so the input's gene order and any
+extra genes do not matter. Units (--input_units):
+
+  expression    log2 values on the training data's scale (quantile-normalized
+                like the training compendium); standardized here with the
+                training per-gene mean and std
+  standardized  already (v - mean) / (std + eps) with the training statistics
+
+--quantile_map is for another platform: each profile's landmark values are
+mapped by rank onto the training landmarks' mean sorted profile (any monotone
+scale works, e.g. RPKM), then standardized.
+
+The input is read and written in row blocks (--block_rows), so a GCTx of any
+number of profiles streams through bounded memory. Output (format from its
+name, or the input's): the landmarks (in the output units, --output_units) then
+every target, one row per profile; per-gene metadata: symbol, is_landmark,
+imputed, val_cc, val_mae (expression units), val_mae_z and well_inferred
+(a target whose validation CC >= --threshold). GCTx carries it at
+/0/META/ROW/<field>, GCT 1.3 and CSV/TSV as annotation columns, .npy in a
+sidecar OUTPUT.genes.tsv. Output is written to a temporary name and renamed, so
+a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from lsmtl_jax import inference
+from lsmtl_jax import report
+from lsmtl_jax.data import formats
+from lsmtl_jax.data import prepare_lib
+from lsmtl_jax.data import store
+
+UNITS = ("expression", "standardized")
+ROW_META_FIELDS = ("symbol", "is_landmark", "imputed", "val_cc", "val_mae", "val_mae_z",
+                   "well_inferred")
+REFERENCE_ROWS = 4096  # training rows averaged into the landmark quantile reference
+# A profile is "unnormalized" for the chosen units when, in the training
+# standardization, its typical landmark sits far outside the training spread.
+MEDIAN_ABS_Z_LIMIT = 4.0
+EXTREME_Z, EXTREME_FRACTION = 10.0, 0.01
+
+
+class PredictError(ValueError):
+  """Bad input or options; the message is one line naming the file."""
+
+
+@dataclasses.dataclass
+class Options:
+  input_units: str = "expression"
+  output_units: str = "expression"
+  quantile_map: bool = False
+  impute_missing: bool = False
+  check_units: bool = True
+  threshold: float = 0.9
+  batch_size: int = 1024
+  block_rows: int = 4096
+  input_format: str = "auto"
+  output_format: str = "auto"
+  gene_ids: str = ""
+  sample_ids: str = ""
+  overwrite: bool = False
+
+
+# Mapping input values to the model's standardized landmarks.
+
+
+def landmark_reference(run: inference.Run, max_rows: int = REFERENCE_ROWS) -> np.ndarray:
+  """Mean sorted landmark profile (expression units) of up to `max_rows` training rows,
+  evenly spaced over the training split: the target of --quantile_map."""
+  train_rows = run.dataset.split(run.config.data.train_split)
+  pick = train_rows[np.unique(np.linspace(0, len(train_rows) - 1, min(max_rows, len(train_rows)))
+                              .round().astype(np.int64))]
+  scale, offset = run.landmark_scale_and_offset()
+  total = np.zeros(run.num_landmarks)
+  for start in range(0, len(pick), 512):
+    z = run.dataset.read_rows(pick[start:start + 512])[:, :run.num_landmarks]
+    total += np.sort(z.astype(np.float64) * scale + offset, axis=1).sum(0)
+  return total / len(pick)
+
+
+class LandmarkMapper:
+  """Raw input rows -> standardized landmarks [n, L] (float64) plus checks."""
+
+  def __init__(self, run: inference.Run, gene_ids: list[str], path: str, opts: Options):
+    self.path, self.opts = path, opts
+    index = {g: i for i, g in enumerate(gene_ids)}
+    self.columns = np.array([index.get(g, -1) for g in run.landmark_ids])
+    self.present = self.columns >= 0
+    missing = [g for g, ok in zip(run.landmark_ids, self.present) if not ok]
+    if missing and not opts.impute_missing:
+      shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)"
+                                         if len(missing) > 10 else "")
+      raise PredictError(f"{path}: {len(missing)} of {run.num_landmarks} landmarks missing: "
+                         f"{shown}; pass --impute_missing to fill them with training means")
+    if not self.present.any():
+      raise PredictError(f"{path}: none of the run's {run.num_landmarks} landmarks is in the "
+                         "input (are the gene ids of the same kind as the training data's?)")
+    self.missing = missing
+    self.scale, self.offset = run.landmark_scale_and_offset()
+    self.reference = None
+    if opts.quantile_map:
+      ref = landmark_reference(run)
+      n_present = int(self.present.sum())
+      # With missing landmarks, the present ones take evenly spaced quantiles
+      # of the full landmark reference.
+      self.reference = np.interp(np.linspace(0, 1, n_present),
+                                 np.linspace(0, 1, len(ref)), ref)
+
+  def __call__(self, raw: np.ndarray, first_row: int, sample_ids: list[str]) -> np.ndarray:
+    values = raw[:, self.columns[self.present]].astype(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+      r, c = np.argwhere(bad)[0]
+      gene = np.flatnonzero(self.present)[c]
+      raise PredictError(f"{self.path}: {int(bad.sum())} non-finite landmark value(s), first "
+                         f"at sample {sample_ids[first_row + r]}, landmark column "
+                         f"{self.columns[gene]}")
+    z = np.zeros((raw.shape[0], len(self.columns)))
+    present = self.present
+    if self.reference is not None:
+      expression = prepare_lib.rank_map(values, self.reference)
+      z[:, present] = (expression - self.offset[present]) / self.scale[present]
+    elif self.opts.input_units == "expression":
+      z[:, present] = (values - self.offset[present]) / self.scale[present]
+    else:
+      z[:, present] = values
+    if self.opts.check_units and self.reference is None:
+      self._check(values, z[:, present], first_row)
+    return z  # missing landmarks stay at 0: the training mean
+
+  def _check(self, values: np.ndarray, z: np.ndarray, first_row: int) -> None:
+    abs_z = np.abs(z)
+    median = float(np.median(abs_z))
+    extreme = float((abs_z > EXTREME_Z).mean())
+    if median <= MEDIAN_ABS_Z_LIMIT and extreme <= EXTREME_FRACTION:
+      return
+    if self.opts.input_units == "expression":
+      lo = float(np.min(self.offset - 3 * self.scale))
+      hi = float(np.max(self.offset + 3 * self.scale))
+      expected = f"log2 values like the training landmarks' [{lo:.3g}, {hi:.3g}]"
+    else:
+      expected = "z-scores, mostly within [-3, 3]"
+    raise PredictError(
+        f"{self.path}: values look unnormalized for --input_units={self.opts.input_units}: "
+        f"observed range [{values.min():.4g}, {values.max():.4g}] in rows from {first_row} "
+        f"(median |z| {median:.3g}, {100 * extreme:.1f}% beyond |z| {EXTREME_Z:g}), expected "
+        f"{expected}; choose the right --input_units, use --quantile_map for another "
+        "platform, or pass --nocheck_units")
+
+
+# Output files.
+
+
+def _output_format(path: str, opts: Options, input_format: str) -> str:
+  if opts.output_format != "auto":
+    fmt = opts.output_format
+  else:
+    try:
+      fmt = formats.detect_format(path)
+    except formats.PrepareError:  # a name that says nothing: write what was read
+      fmt = input_format
+  if fmt not in ("gctx", "gct", "table", "npy"):
+    raise PredictError(f"{path}: unknown output format {fmt!r} (gctx, gct, table, npy)")
+  return fmt
+
+
+def _row_meta_strings(meta: dict[str, np.ndarray], j: int) -> list[str]:
+  out = []
+  for field in ROW_META_FIELDS:
+    v = meta[field][j]
+    out.append(str(v) if field == "symbol" else
+               str(int(v)) if field in ("is_landmark", "imputed", "well_inferred") else
+               f"{float(v):.6g}")
+  return out
+
+
+def write_gct_with_meta(path: str, values: np.ndarray, sample_ids, gene_ids, meta) -> None:
+  """GCT 1.3: genes as rows, the per-gene fields as row-metadata columns."""
+  with open(path, "w") as f:
+    f.write("#1.3\n")
+    f.write(f"{len(gene_ids)}\t{len(sample_ids)}\t{len(ROW_META_FIELDS)}\t0\n")
+    f.write("\t".join(["id", *ROW_META_FIELDS, *sample_ids]) + "\n")
+    for j, gid in enumerate(gene_ids):
+      f.write("\t".join([gid, *_row_meta_strings(meta, j),
+                         *(repr(float(v)) for v in values[:, j])]) + "\n")
+
+
+def write_table_with_meta(path: str, values, sample_ids, gene_ids, meta) -> None:
+  delimiter = "," if path.lower().endswith(".csv") else "\t"
+  with open(path, "w") as f:
+    f.write(delimiter.join(["id", *ROW_META_FIELDS, *sample_ids]) + "\n")
+    for j, gid in enumerate(gene_ids):
+      f.write(delimiter.join([gid, *_row_meta_strings(meta, j),
+                              *(repr(float(v)) for v in values[:, j])]) + "\n")
+
+
+def write_genes_sidecar(path: str, gene_ids, meta) -> None:
+  with open(path, "w") as f:
+    f.write("\t".join(["id", *ROW_META_FIELDS]) + "\n")
+    for j, gid in enumerate(gene_ids):
+      f.write("\t".join([gid, *_row_meta_strings(meta, j)]) + "\n")
+
+
+def add_gctx_row_metadata(path: str, meta: dict[str, np.ndarray]) -> None:
+  """Per-gene fields beside /0/META/ROW/id, as cmapPy lays out row metadata."""
+  with h5py.File(path, "a") as f:
+    for field in ROW_META_FIELDS:
+      v = meta[field]
+      if field == "symbol":
+        v = np.array([s.encode() for s in v], dtype="S")
+      f.create_dataset(f"0/META/ROW/{field}", data=v)
+
+
+def read_gctx_row_metadata(path: str) -> dict[str, np.ndarray]:
+  """Every /0/META/ROW field of a GCTx (strings decoded), keyed by field name."""
+  out = {}
+  with h5py.File(path, "r") as f:
+    for name, node in f["0/META/ROW"].items():
+      v = node[()]
+      out[name] = (np.array([x.decode() for x in v], object) if v.dtype.kind == "S" else v)
+  return out
+
+
+# The job.
+
+
+def gene_metadata(run: inference.Run, imputed: np.ndarray, threshold: float,
+                  predictor=None) -> dict[str, np.ndarray]:
+  val = report.validation_metrics(run, predictor)
+  L, T = run.num_landmarks, run.num_targets
+  nan_l = np.full(L, np.nan)
+  cc = np.concatenate([nan_l, val["cc"]])
+  symbols = (list(run.meta["landmarks"].get("symbols", run.landmark_ids)) +
+             list(run.meta["targets"].get("symbols", run.target_ids)))
+  return {
+      "symbol": np.array(symbols, object),
+      "is_landmark": np.concatenate([np.ones(L, np.int8), np.zeros(T, np.int8)]),
+      "imputed": np.concatenate([imputed.astype(np.int8), np.zeros(T, np.int8)]),
+      "val_cc": cc,
+      "val_mae": np.concatenate([nan_l, val["mae_expression"]]),
+      "val_mae_z": np.concatenate([nan_l, val["mae"]]),
+      "well_inferred": np.concatenate([np.zeros(L, np.int8),
+                                       (np.nan_to_num(val["cc"], nan=-np.inf) >= threshold)
+                                       .astype(np.int8)]),
+  }
+
+
+def _remove(path: str) -> None:
+  if os.path.exists(path):
+    os.remove(path)
+
+
+def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
+                 log=lambda s: None) -> dict:
+  """Runs the whole prediction; returns a summary dict. Raises PredictError,
+  inference.RunError or formats.PrepareError with one-line messages."""
+  t0 = time.perf_counter()
+  if opts.input_units not in UNITS:
+    raise PredictError(f"--input_units must be one of {UNITS}, got {opts.input_units!r}")
+  if opts.output_units not in UNITS:
+    raise PredictError(f"--output_units must be one of {UNITS}, got {opts.output_units!r}")
+  if opts.block_rows <= 0 or opts.batch_size <= 0:
+    raise PredictError("--block_rows and --batch_size must be positive")
+  if os.path.exists(output_path) and not opts.overwrite:
+    raise PredictError(f"{output_path}: already exists; pass --overwrite to replace it")
+  input_format = opts.input_format if opts.input_format != "auto" else (
+      formats.detect_format(input_path))
+  out_format = _output_format(output_path, opts, input_format)
+  out_dir = os.path.dirname(os.path.abspath(output_path))
+  if not os.path.isdir(out_dir):
+    raise PredictError(f"{output_path}: directory {out_dir} does not exist")
+
+  run = inference.load_run(workdir)
+  matrix = formats.open_matrix(input_path, input_format, gene_ids=opts.gene_ids,
+                               sample_ids=opts.sample_ids)
+  with matrix:
+    mapper = LandmarkMapper(run, matrix.gene_ids, input_path, opts)
+    if mapper.missing:
+      log(f"{input_path}: imputing {len(mapper.missing)} missing landmark(s) with the "
+          "training mean")
+    predictor = inference.Predictor(run, opts.batch_size)
+    meta = gene_metadata(run, ~mapper.present, opts.threshold, predictor)
+    gene_ids = run.landmark_ids + run.target_ids
+    lm_scale, lm_offset = run.landmark_scale_and_offset()
+    tg_scale, tg_offset = run.target_scale_and_offset()
+    copy_given = (opts.output_units == opts.input_units and not opts.quantile_map
+                  and not mapper.missing)
+    n = matrix.num_samples
+
+    def blocks() -> Iterator[np.ndarray]:
+      chunk = max(1, matrix.row_chunk)
+      step = max(chunk, (opts.block_rows // chunk) * chunk)
+      for start in range(0, n, step):
+        raw = matrix.read_rows(start, min(n, start + step))
+        z = mapper(raw, start, matrix.sample_ids)
+        y = predictor(z.astype(np.float32)).astype(np.float64)
+        if copy_given:  # landmarks exactly as given
+          lm = raw[:, mapper.columns].astype(np.float64)
+        elif opts.output_units == "expression":
+          lm = z * lm_scale + lm_offset
+        else:
+          lm = z
+        if opts.output_units == "expression":
+          y = y * tg_scale + tg_offset
+        yield np.concatenate([lm, y], axis=1).astype(np.float32)
+
+    tmp = f"{output_path}.tmp-{os.getpid()}"
+    try:
+      if out_format == "gctx":
+        formats.write_gctx(tmp, blocks(), matrix.sample_ids, gene_ids)
+        add_gctx_row_metadata(tmp, meta)
+      elif out_format == "npy":
+        values = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                           shape=(n, len(gene_ids)))
+        start = 0
+        for block in blocks():
+          values[start:start + len(block)] = block
+          start += len(block)
+        values.flush()
+        del values
+        write_genes_sidecar(tmp + ".genes", gene_ids, meta)
+      else:
+        values = np.concatenate(list(blocks())) if n else np.zeros((0, len(gene_ids)))
+        writer = write_gct_with_meta if out_format == "gct" else write_table_with_meta
+        writer(tmp, values, matrix.sample_ids, gene_ids, meta)
+      if out_format == "npy":
+        os.replace(tmp + ".genes", output_path + ".genes.tsv")
+      os.replace(tmp, output_path)
+    except BaseException:
+      _remove(tmp)
+      _remove(tmp + ".genes")
+      raise
+  well = int(meta["well_inferred"].sum())
+  return {"profiles": n, "genes": len(gene_ids), "landmarks": run.num_landmarks,
+          "targets": run.num_targets, "well_inferred": well,
+          "imputed_landmarks": len(mapper.missing), "seconds": time.perf_counter() - t0,
+          "output": output_path, "format": out_format}
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  opts = Options(input_units=FLAGS.input_units, output_units=FLAGS.output_units,
+                 quantile_map=FLAGS.quantile_map, impute_missing=FLAGS.impute_missing,
+                 check_units=FLAGS.check_units, threshold=FLAGS.threshold,
+                 batch_size=FLAGS.batch_size, block_rows=FLAGS.block_rows,
+                 input_format=FLAGS.input_format, output_format=FLAGS.output_format,
+                 gene_ids=FLAGS.gene_ids, sample_ids=FLAGS.sample_ids,
+                 overwrite=FLAGS.overwrite)
+  try:
+    s = predict_file(FLAGS.workdir, FLAGS.input, FLAGS.output, opts,
+                     log=lambda m: print(m, file=sys.stderr))
+  except (PredictError, inference.RunError, formats.PrepareError, store.DatasetError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  imputed = f", {s['imputed_landmarks']} imputed" if s["imputed_landmarks"] else ""
+  print(f"predict: {s['profiles']} profiles, {s['genes']} genes ({s['landmarks']} landmarks"
+        f"{imputed}, {s['targets']} targets), {s['well_inferred']} of {s['targets']} targets "
+        f"well inferred (val CC >= {opts.threshold:g}), {s['seconds']:.1f} s -> {s['output']}")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "A finished training run.")
+  flags.DEFINE_string("input", None, "Profiles: .gctx/.h5, .gct, .csv/.tsv/.txt or .npy.")
+  flags.DEFINE_string("output", None, "Where to write; format from the name.")
+  flags.DEFINE_enum("input_units", "expression", UNITS, "Units of the input values.")
+  flags.DEFINE_enum("output_units", "expression", UNITS, "Units of the written values.")
+  flags.DEFINE_bool("quantile_map", False, "Map each profile by rank onto the training "
+                    "landmarks' reference (another platform).")
+  flags.DEFINE_bool("impute_missing", False, "Fill missing landmarks with training means.")
+  flags.DEFINE_bool("check_units", True, "Refuse values that look unnormalized.")
+  flags.DEFINE_float("threshold", 0.9, "Validation CC above which a target is well inferred.")
+  flags.DEFINE_integer("batch_size", 1024, "Profiles per device batch.")
+  flags.DEFINE_integer("block_rows", 4096, "Profiles read and written per block.")
+  flags.DEFINE_string("input_format", "auto", "gctx, gct, table or npy; auto: from the name.")
+  flags.DEFINE_string("output_format", "auto", "gctx, gct, table or npy; auto: from the name.")
+  flags.DEFINE_string("gene_ids", "", "For .npy input: gene ids, one per line.")
+  flags.DEFINE_string("sample_ids", "", "For .npy input: sample ids, one per line.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
+  flags.mark_flags_as_required(["workdir", "input", "output"])
+  app.run(main)
