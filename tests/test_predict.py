@@ -1,0 +1,251 @@
+"""predict: a trained tiny run applied to landmark profiles written with the
+project's own GCTx writer; compared with the evaluation path, round-tripped
+through the readers, and fed bad input on the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lsmtl_jax import evaluation
+from lsmtl_jax import inference
+from lsmtl_jax import metrics
+from lsmtl_jax import parallel
+from lsmtl_jax import predict
+from lsmtl_jax import train
+from lsmtl_jax.data import formats
+
+from conftest import REPO
+
+
+def trained_run(tmp_path_factory):
+  """One finished tiny run per pytest session, shared by the predict, report and
+  relevance tests through the session's base temporary directory."""
+  workdir = tmp_path_factory.getbasetemp() / "lsmtl_tiny_run"
+  if not (workdir / "results.json").exists():
+    from configs import tiny
+    config = tiny.get_config()
+    config.data.cache_dir = str(tmp_path_factory.getbasetemp() / "lsmtl_tiny_cache")
+    config.train.num_steps = 16
+    train.train_and_evaluate(config, str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  return inference.load_run(trained_run(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def val(run):
+  """Validation rows: standardized landmarks and targets, and their sample ids."""
+  rows = run.dataset.split("val")
+  values = run.dataset.read_rows(rows)
+  ids = [run.meta["sample_ids"][i] for i in rows]
+  return values[:, :run.num_landmarks], values[:, run.num_landmarks:], ids
+
+
+def _expression(run, z):
+  scale, offset = run.landmark_scale_and_offset()
+  return (z.astype(np.float64) * scale + offset).astype(np.float32)
+
+
+def _predict(run, inp, out, **kw):
+  return predict.predict_file(run.workdir, str(inp), str(out), predict.Options(**kw))
+
+
+def _cli(*args):
+  cmd = [sys.executable, "-m", "lsmtl_jax.predict", *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.startswith("error:")]
+
+
+def test_predictions_equal_the_evaluation_path(run, val, tmp_path):
+  z_lm, z_tg, ids = val
+  inp, out = tmp_path / "in.gctx", tmp_path / "out.gctx"
+  formats.write_gctx(str(inp), z_lm, ids, run.landmark_ids)
+  _predict(run, inp, out, input_units="standardized", output_units="standardized",
+           batch_size=8, block_rows=7)
+  with formats.open_matrix(str(out)) as m:
+    got = m.read_rows(0, m.num_samples)
+    assert m.sample_ids == ids and m.gene_ids == run.landmark_ids + run.target_ids
+  np.testing.assert_array_equal(got[:, :run.num_landmarks], z_lm)
+  p = got[:, run.num_landmarks:]
+
+  # The evaluation path: train.eval_stats_step over the split, on the best variables.
+  mesh = run.mesh
+  regressor = run.regressor
+  stats_step = jax.jit(lambda s, b: train.eval_stats_step(run.variables, s, b,
+                                                          regressor=regressor))
+  init = jax.jit(lambda: metrics.zeros(regressor.num_targets))
+  summary, stats = evaluation.evaluate(run.dataset, run.dataset.split("val"), 16, stats_step,
+                                       init, parallel.Placement(mesh))
+  # Per-gene sums of predict's output in float64 numpy, against the step's.
+  y, pp = z_tg.astype(np.float64), p.astype(np.float64)
+  np.testing.assert_allclose(pp.sum(0), stats["sum_p"], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose((y * pp).sum(0), stats["sum_yp"], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.abs(y - pp).sum(0), stats["sum_abs"], rtol=1e-5, atol=1e-4)
+  # ... and what training itself reported for the best checkpoint.
+  results = json.load(open(os.path.join(run.workdir, "results.json")))
+  assert np.abs(y - pp).mean() == pytest.approx(results["splits"]["val"]["mae_mean"], abs=1e-5)
+  assert summary["mae_mean"] == pytest.approx(results["splits"]["val"]["mae_mean"], abs=1e-6)
+
+
+def test_expression_units_round_trip_and_metadata(run, val, tmp_path):
+  z_lm, _, ids = val
+  x = _expression(run, z_lm)
+  inp, out = tmp_path / "in.gctx", tmp_path / "out.gctx"
+  formats.write_gctx(str(inp), x, ids, run.landmark_ids)
+  summary = _predict(run, inp, out, threshold=0.3)
+  with formats.open_matrix(str(out)) as m:
+    got = m.read_rows(0, m.num_samples)
+  # Landmarks exactly as given; targets = the model's z mapped with the training statistics.
+  np.testing.assert_array_equal(got[:, :run.num_landmarks], x)
+  z_pred = inference.Predictor(run, 64)(z_lm).astype(np.float64)
+  scale, offset = run.target_scale_and_offset()
+  np.testing.assert_allclose(got[:, run.num_landmarks:], z_pred * scale + offset,
+                             rtol=1e-5, atol=2e-4)
+
+  meta = predict.read_gctx_row_metadata(str(out))
+  L, T = run.num_landmarks, run.num_targets
+  assert set(predict.ROW_META_FIELDS) <= set(meta)
+  assert list(meta["id"]) == run.landmark_ids + run.target_ids
+  np.testing.assert_array_equal(meta["is_landmark"], [1] * L + [0] * T)
+  assert np.isnan(meta["val_cc"][:L]).all() and np.isfinite(meta["val_cc"][L:]).all()
+  # val CC and MAE per target from independent float64 sums over the val split.
+  p = (z_pred * scale + offset)
+  y = val[1].astype(np.float64) * scale + offset
+  mae = np.abs(y - p).mean(0)
+  cc = (2 * ((y - y.mean(0)) * (p - p.mean(0))).mean(0)
+        / (y.var(0) + p.var(0) + (y.mean(0) - p.mean(0)) ** 2))
+  np.testing.assert_allclose(meta["val_mae"][L:], mae, rtol=1e-4)
+  np.testing.assert_allclose(meta["val_cc"][L:], cc, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(meta["well_inferred"][L:], (cc >= 0.3).astype(np.int8))
+  assert summary["well_inferred"] == int((cc >= 0.3).sum()) > 0
+
+
+def test_gene_order_and_extra_genes_change_nothing(run, val, tmp_path):
+  z_lm, _, ids = val
+  x = _expression(run, z_lm)
+  formats.write_gctx(str(tmp_path / "a.gctx"), x, ids, run.landmark_ids)
+  perm = np.random.default_rng(0).permutation(run.num_landmarks + 3)
+  extra = np.random.default_rng(1).normal(8, 1, (len(ids), 3)).astype(np.float32)
+  shuffled = np.concatenate([x, extra], 1)[:, perm]
+  gene_ids = np.array(run.landmark_ids + ["X1", "X2", "X3"])[perm].tolist()
+  formats.write_gctx(str(tmp_path / "b.gctx"), shuffled, ids, gene_ids)
+  _predict(run, tmp_path / "a.gctx", tmp_path / "a_out.gctx")
+  _predict(run, tmp_path / "b.gctx", tmp_path / "b_out.gctx")
+  with formats.open_matrix(str(tmp_path / "a_out.gctx")) as a, \
+      formats.open_matrix(str(tmp_path / "b_out.gctx")) as b:
+    assert a.gene_ids == b.gene_ids
+    np.testing.assert_array_equal(a.read_rows(0, a.num_samples), b.read_rows(0, b.num_samples))
+
+
+def test_text_and_npy_formats_agree_with_gctx(run, val, tmp_path):
+  z_lm, _, ids = val
+  x = _expression(run, z_lm)
+  formats.write_gctx(str(tmp_path / "in.gctx"), x, ids, run.landmark_ids)
+  formats.write_table(str(tmp_path / "in.csv"), x, ids, run.landmark_ids, delimiter=",")
+  np.save(tmp_path / "in.npy", x)
+  (tmp_path / "genes.txt").write_text("\n".join(run.landmark_ids) + "\n")
+  _predict(run, tmp_path / "in.gctx", tmp_path / "ref.gctx")
+  _predict(run, tmp_path / "in.csv", tmp_path / "out.gct")
+  _predict(run, tmp_path / "in.npy", tmp_path / "out.npy", gene_ids=str(tmp_path / "genes.txt"))
+  with formats.open_matrix(str(tmp_path / "ref.gctx")) as m:
+    ref = m.read_rows(0, m.num_samples)
+  gct = formats.read_gct(str(tmp_path / "out.gct"))
+  assert gct.sample_ids == ids and gct.gene_ids == run.landmark_ids + run.target_ids
+  np.testing.assert_allclose(gct.read_rows(0, len(ids)), ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ref)
+  genes = (tmp_path / "out.npy.genes.tsv").read_text().splitlines()
+  assert genes[0].split("\t") == ["id", *predict.ROW_META_FIELDS]
+  assert len(genes) == 1 + run.num_landmarks + run.num_targets
+
+
+def test_quantile_map_ignores_the_input_scale(run, val, tmp_path):
+  """Rank mapping sees only the order within a profile: 2**v and v give the same."""
+  z_lm, _, ids = val
+  x = _expression(run, z_lm).astype(np.float64)
+  formats.write_gctx(str(tmp_path / "log.gctx"), x.astype(np.float32), ids, run.landmark_ids)
+  formats.write_gctx(str(tmp_path / "lin.gctx"), np.exp2(x).astype(np.float32), ids,
+                     run.landmark_ids)
+  _predict(run, tmp_path / "log.gctx", tmp_path / "a.gctx", quantile_map=True)
+  _predict(run, tmp_path / "lin.gctx", tmp_path / "b.gctx", quantile_map=True)
+  with formats.open_matrix(str(tmp_path / "a.gctx")) as a, \
+      formats.open_matrix(str(tmp_path / "b.gctx")) as b:
+    np.testing.assert_array_equal(a.read_rows(0, a.num_samples), b.read_rows(0, b.num_samples))
+
+
+def test_missing_landmarks_are_listed_or_imputed(run, val, tmp_path):
+  z_lm, _, ids = val
+  x = _expression(run, z_lm)
+  inp, out = tmp_path / "in.gctx", tmp_path / "out.gctx"
+  formats.write_gctx(str(inp), x[:, 2:], ids, run.landmark_ids[2:])
+  proc = _cli(f"--workdir={run.workdir}", f"--input={inp}", f"--output={out}")
+  lines = _error_lines(proc.stderr)
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert "2 of 24 landmarks missing" in lines[0] and run.landmark_ids[0] in lines[0]
+  assert "--impute_missing" in lines[0] and not out.exists()
+  assert os.listdir(tmp_path) == ["in.gctx"]
+
+  proc = _cli(f"--workdir={run.workdir}", f"--input={inp}", f"--output={out}",
+              "--impute_missing")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith(f"predict: {len(ids)} profiles, 64 genes (24 landmarks, "
+                                "2 imputed, 40 targets)")
+  meta = predict.read_gctx_row_metadata(str(out))
+  np.testing.assert_array_equal(meta["imputed"][:4], [1, 1, 0, 0])
+  with formats.open_matrix(str(out)) as m:
+    got = m.read_rows(0, m.num_samples)
+  _, offset = run.landmark_scale_and_offset()
+  np.testing.assert_allclose(got[:, :2], np.broadcast_to(offset[:2], (len(ids), 2)), rtol=1e-6)
+
+
+def test_bad_runs_and_outputs_exit_2_with_one_line(run, val, tmp_path):
+  z_lm, _, ids = val
+  inp = tmp_path / "in.gctx"
+  formats.write_gctx(str(inp), _expression(run, z_lm), ids, run.landmark_ids)
+  unfinished = tmp_path / "unfinished"
+  unfinished.mkdir()
+  (unfinished / "config.json").write_text(
+      open(os.path.join(run.workdir, "config.json")).read())
+  exists = tmp_path / "exists.gctx"
+  exists.write_text("keep me")
+  cases = [
+      ([f"--workdir={unfinished}", f"--input={inp}", f"--output={tmp_path / 'o1.gctx'}"],
+       "training has not finished"),
+      ([f"--workdir={run.workdir}", f"--input={inp}", f"--output={exists}"],
+       "already exists; pass --overwrite"),
+      ([f"--workdir={run.workdir}", f"--input={tmp_path / 'in.xyz'}",
+        f"--output={tmp_path / 'o2.gctx'}"], "cannot tell the format"),
+      ([f"--workdir={run.workdir}", f"--input={inp}", f"--output={tmp_path / 'o3.gctx'}",
+        "--input_units=standardized"], "values look unnormalized for --input_units=standardized"),
+  ]
+  for args, message in cases:
+    proc = _cli(*args)
+    lines = _error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  assert "observed range [" in lines[0]
+  assert exists.read_text() == "keep me"
+  assert sorted(os.listdir(tmp_path)) == ["exists.gctx", "in.gctx", "unfinished"]
+  # --overwrite replaces it.
+  predict.predict_file(run.workdir, str(inp), str(exists), predict.Options(overwrite=True))
+  with formats.open_matrix(str(exists)) as m:
+    assert m.num_samples == len(ids)
+
+
+def test_a_run_without_a_model_is_refused(tmp_path):
+  with pytest.raises(inference.RunError, match="no such run directory"):
+    inference.load_run(str(tmp_path / "nothing"))
+  (tmp_path / "lsr").mkdir()
+  (tmp_path / "lsr" / "config.json").write_text(json.dumps({"method": "lsr"}))
+  with pytest.raises(inference.RunError, match="method 'lsr' has no network checkpoint"):
+    inference.load_run(str(tmp_path / "lsr"))
