@@ -25,6 +25,7 @@ Memory is bounded by a few row blocks, the per-row sketches of the dedup step
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -47,6 +48,7 @@ from lsmtl_jax.data.formats import PrepareError
 
 _SPLITS = ("train", "val", "test")
 _RANK_ROWS = 256
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 # Gene maps.
@@ -235,6 +237,17 @@ def select_genes(cfg, matrix: formats.Matrix, reference_meta: dict | None) -> Se
 # Quantile normalization.
 
 
+def _by_row_slices(fn: Callable[[np.ndarray], np.ndarray], values: np.ndarray) -> np.ndarray:
+  """fn over slices of _RANK_ROWS rows on a few threads (NumPy sorts release the GIL)."""
+  global _POOL
+  slices = [values[i:i + _RANK_ROWS] for i in range(0, len(values), _RANK_ROWS)]
+  if len(slices) == 1:
+    return fn(values)
+  if _POOL is None:
+    _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1))
+  return np.concatenate(list(_POOL.map(fn, slices)))
+
+
 def rank_map(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
   """Each value becomes the reference value of its rank in its row (float64).
 
@@ -243,8 +256,7 @@ def rank_map(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
   """
   values = np.asarray(values)
   if len(values) > _RANK_ROWS:  # bounds the dozen [rows, genes] temporaries below
-    return np.concatenate([rank_map(values[i:i + _RANK_ROWS], reference)
-                           for i in range(0, len(values), _RANK_ROWS)])
+    return _by_row_slices(lambda v: rank_map(v, reference), values)
   n, g = values.shape
   order = np.argsort(values, axis=1, kind="stable")
   srt = np.take_along_axis(values, order, axis=1)
@@ -288,6 +300,8 @@ class GeneStream:
     self.bytes_read = 0
 
   def genes(self, raw: np.ndarray) -> np.ndarray:
+    if len(raw) > _RANK_ROWS:
+      return _by_row_slices(self.genes, raw)
     picked = raw[:, self.cols].astype(np.float64)
     if self.transform == "log2p1":
       picked = np.log2(np.maximum(picked, 0.0) + 1.0)
@@ -543,7 +557,8 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
     # Pass: quantile reference = mean sorted training profile.
     total = np.zeros(len(col_keep))
     for start, genes in gene_blocks(in_train):
-      total += np.sort(genes[in_train[start:start + len(genes)]], axis=1).sum(axis=0)
+      picked = genes[in_train[start:start + len(genes)]]
+      total += _by_row_slices(lambda v: np.sort(v, axis=1), picked).sum(axis=0)
     reference = total / in_train.sum()
     # Pass: per-gene statistics of the normalized training rows, shifted sums in float64.
     shift = reference.mean()
