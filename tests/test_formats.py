@@ -92,6 +92,7 @@ def test_npy_round_trip(tmp_path):
 def test_strip_version():
   assert formats.strip_version("ENSG00000175063.12") == "ENSG00000175063"
   assert formats.strip_version("ENSG00000002586.18_PAR_Y") == "ENSG00000002586_PAR_Y"
+  assert formats.strip_version("ENSGR0000124334.12") == "ENSGR0000124334"  # GENCODE PAR
   assert formats.strip_version("202954_at") == "202954_at"
   assert formats.strip_version("ENSG00000175063") == "ENSG00000175063"
 

@@ -29,7 +29,7 @@ DATA_NODE = "0/DATA/0/matrix"
 ROW_ID_NODE = "0/META/ROW/id"  # genes
 COL_ID_NODE = "0/META/COL/id"  # samples
 GCTX_VERSION = "GCTX1.0"
-_VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+(_PAR_Y)?$")
+_VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]+\d+)\.\d+(_PAR_Y)?$")  # ENSG, ENST, ENSGR (old PAR), ENSMUSG
 
 
 class PrepareError(ValueError):

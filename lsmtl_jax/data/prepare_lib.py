@@ -628,6 +628,8 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
     ds = store.write_dataset(out, standardized(), len(rows), meta)
   except store.DatasetError as e:
     raise PrepareError(str(e)) from None
+  except OSError as e:  # e.g. an unwritable or full output disk; the temporary is gone
+    raise PrepareError(f"{out}: cannot write: {e.strerror or e}") from None
   _verify(ds, len(rows), len(col_keep))
   elapsed = time.time() - t0
   log(f"done in {elapsed:.1f} s; read {stream.bytes_read / 2**20:.0f} MB "
