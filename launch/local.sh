@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One host, one process: launch/local.sh CONFIG WORKDIR [--config.field=value ...]
+# One host, one process, from the repository root:
+#   launch/local.sh CONFIG WORKDIR [--config.field=value ...]
 # Multi-process, TPU VM, SLURM and GKE launchers come with the sharded trainer.
 set -euo pipefail
 usage="usage: launch/local.sh CONFIG WORKDIR [--config.field=value ...]"
 config=${1:?$usage}
 workdir=${2:?$usage}
 shift 2
-cd "$(dirname "$0")/.."
 exec python -m lsmtl_jax.main --config="$config" --workdir="$workdir" "$@"

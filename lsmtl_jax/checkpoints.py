@@ -30,9 +30,15 @@ class Checkpoints:
     root = os.path.join(workdir, "checkpoints")
     self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2)
     self.best = _manager(os.path.join(root, "best"), max_to_keep=1)
+    # Read once, before this run saves anything, so every process agrees on it.
+    self._best_steps_before_run = frozenset(self.best.all_steps())
 
-  @staticmethod
-  def _save(manager, step: int, state, loop: dict[str, Any]) -> None:
+  def _save(self, manager, step: int, state, loop: dict[str, Any]) -> None:
+    # Two managers saving the same step at once collide in Orbax's multi-process
+    # barriers (named by step): let the other one finish first.
+    for other in (self.latest, self.best):
+      if other is not manager:
+        other.wait_until_finished()
     # The save completes in the background: hand it a snapshot of the record,
     # not the dict the training loop goes on mutating.
     record = json.loads(json.dumps(loop))
@@ -41,6 +47,7 @@ class Checkpoints:
 
   @staticmethod
   def _restore(manager, like_state):
+    manager.wait_until_finished()
     step = manager.latest_step()
     if step is None:
       return None
@@ -54,7 +61,7 @@ class Checkpoints:
   def save_best(self, step, variables, record) -> None:
     # A run resumed from an older latest checkpoint replays the same steps and
     # may reach a best step already on disk: that save holds the same values.
-    if step in self.best.all_steps():
+    if step in self._best_steps_before_run:
       return
     self._save(self.best, step, variables, record)
 

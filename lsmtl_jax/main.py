@@ -1,4 +1,9 @@
-"""Entry point: python -m lsmtl_jax.main --config=configs/demo.py --workdir=DIR"""
+"""Entry point: python -m lsmtl_jax.main --config=configs/demo.py --workdir=DIR
+
+Multi-host: add --distributed. On TPU VMs, SLURM and Kubernetes JAX finds the
+coordinator itself; elsewhere pass --coordinator_address, --num_processes and
+--process_id (launch/local_multiprocess.sh does so for processes on one host).
+"""
 
 import sys
 
@@ -15,6 +20,11 @@ from lsmtl_jax.data.store import DatasetError
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                     "A process that stops answering for this long fails the whole job.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,14 +36,23 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _initialize_distributed():
+  # CPU processes exchange collectives over gloo; other backends ignore this.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                             heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
-    jax.distributed.initialize()
-  logging.info("JAX %s, backend %s, %d process(es), %d device(s)", jax.__version__,
-               jax.default_backend(), jax.process_count(), jax.device_count())
+    _initialize_distributed()
+  logging.info("JAX %s, backend %s, process %d of %d, %d local of %d devices", jax.__version__,
+               jax.default_backend(), jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, parallel.MeshError, DatasetError) as e:

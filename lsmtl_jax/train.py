@@ -19,6 +19,7 @@ from absl import logging
 import flax.linen as nn
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
@@ -114,7 +115,12 @@ def load_dataset(config: ml_collections.ConfigDict) -> store.Dataset:
   if config.data.synthetic.enabled:
     fields = dict(config.data.synthetic.to_dict())
     fields.pop("enabled")
-    return synthetic.cached(synthetic.SyntheticSpec(**fields), config.data.cache_dir)
+    spec = synthetic.SyntheticSpec(**fields)
+    if jax.process_count() > 1:  # one writer; the others wait, then open it
+      if jax.process_index() == 0:
+        synthetic.cached(spec, config.data.cache_dir)
+      multihost_utils.sync_global_devices("synthetic dataset ready")
+    return synthetic.cached(spec, config.data.cache_dir)
   if not config.data.path:
     raise store.DatasetError(
         "config.data.path is empty: prepare a dataset first (python -m lsmtl_jax.prepare "
@@ -503,12 +509,16 @@ def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
     run = _train_network(config, workdir, data)
   else:
     run = _fit_lsr(config, data)
-  results = {"method": config.method, "config": config.to_dict(), **run}
+  state = run.pop("state", None)
+  extra = run.pop("extra")
+  results = {"method": config.method, "config": config.to_dict(), **run, **extra}
   if _is_writer():
     results_lib.write_results(workdir, method=config.method, config=config.to_dict(),
                               steps=run["steps"], train_seconds=run["train_seconds"],
                               examples_per_sec=run["examples_per_sec"],
-                              splits=run["splits"], extra=run["extra"])
+                              splits=run["splits"], extra=extra)
+  if state is not None:
+    results["state"] = state
   test = run["splits"]["test"]
   logging.info("%s test MAE %.4f ± %.4f, CC %.4f ± %.4f", METHOD_NAMES[config.method],
                test["mae_mean"], test["mae_std"], test["cc_mean"], test["cc_std"])

@@ -94,3 +94,52 @@ def test_head_kernel_is_split_along_targets(mesh_runs, shape):
 def test_fsdp_splits_trunk_kernels_over_data(mesh_runs):
   summary, _ = _load(mesh_runs, "4x2_fsdp")
   assert "data" in summary["trunk_spec"]
+
+
+@pytest.fixture(scope="module")
+def multiprocess_run(tmp_path_factory, mesh_runs):
+  """Two processes of four CPU devices each, one 4x2 mesh, talking over gloo."""
+  workdir = tmp_path_factory.mktemp("multiprocess")
+  cache = tmp_path_factory.mktemp("mp_cache")
+  env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "4", "configs/tiny.py",
+       str(workdir), f"--config.data.cache_dir={cache}", f"--config.train.num_steps={STEPS}",
+       "--config.mesh.data=4", "--config.mesh.model=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  logs = "".join((workdir / f"process_{i}.log").read_text()[-3000:] for i in range(2)
+                 if (workdir / f"process_{i}.log").exists())
+  assert proc.returncode == 0, proc.stderr + logs
+  return workdir, cache
+
+
+def test_two_processes_match_single_device(multiprocess_run, mesh_runs):
+  workdir, _ = multiprocess_run
+  ref, _ = _load(mesh_runs, "1x1")
+  results = json.load(open(workdir / "results.json"))
+  assert results["mesh"] == {"data": 4, "model": 2}
+  for split in ("val", "test"):
+    for key in ("mae_mean", "cc_mean"):
+      assert results["splits"][split][key] == pytest.approx(ref["splits"][split][key],
+                                                            rel=1e-4, abs=1e-5)
+  logs = [(workdir / f"process_{i}.log").read_text() for i in range(2)]
+  assert "process 1 of 2, 4 local of 8 devices" in logs[1]
+
+
+def test_checkpoint_from_a_4x2_two_process_mesh_restores_on_one_device(multiprocess_run):
+  """Re-running the finished job on one device restores the sharded checkpoints
+  (latest and best) and re-evaluates to the same metrics."""
+  workdir, cache = multiprocess_run
+  before = json.load(open(workdir / "results.json"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "lsmtl_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+       f"--config.data.cache_dir={cache}", f"--config.train.num_steps={STEPS}"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Resumed from step {STEPS}" in proc.stderr
+  after = json.load(open(workdir / "results.json"))
+  assert after["mesh"] == {"data": 1, "model": 1}
+  for split in ("val", "test"):
+    assert after["splits"][split]["mae_mean"] == pytest.approx(
+        before["splits"][split]["mae_mean"], rel=1e-5)
