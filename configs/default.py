@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.lsr = ml_collections.ConfigDict()
   config.lsr.ridge = 1e-3  # added to the diagonal of X^T X / n
 
+  # Write WORKDIR/report/ (genes.tsv, figures, report.html) after training.
+  config.report = True
+
   # Other methods to run on the same data after this one, and tabulate beside it.
   config.compare_with = ()
   return config

@@ -519,6 +519,10 @@ def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
                               splits=run["splits"], extra=extra)
   if state is not None:
     results["state"] = state
+    if config.report and _is_writer():
+      from lsmtl_jax import inference, report  # pylint: disable=g-import-not-at-top  (cycle)
+      path = report.write_report(workdir, inference.load_run(workdir, jax.local_devices()))
+      logging.info("Per-gene report: %s", os.path.join(path, "report.html"))
   test = run["splits"]["test"]
   logging.info("%s test MAE %.4f ± %.4f, CC %.4f ± %.4f", METHOD_NAMES[config.method],
                test["mae_mean"], test["mae_std"], test["cc_mean"], test["cc_std"])

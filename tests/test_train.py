@@ -152,6 +152,7 @@ def test_densenet_and_lsr_share_the_results_format(tmp_path, cache):
   config = _tiny(cache)
   config.train.num_steps = 8
   config.compare_with = ("lsr", "densenet")
+  config.report = True
   main = train.train_and_evaluate(config, str(tmp_path))
   lsr = json.load(open(tmp_path / "compare" / "lsr" / "results.json"))
   dense = json.load(open(tmp_path / "compare" / "densenet" / "results.json"))
@@ -160,5 +161,9 @@ def test_densenet_and_lsr_share_the_results_format(tmp_path, cache):
   assert dense["config"]["lsmtl"]["lam"] == 0.0
   for r in (lsr, dense):
     assert RESULT_KEYS <= set(r) and SPLIT_KEYS <= set(r["splits"]["test"])
+  for run_dir in (tmp_path, tmp_path / "compare" / "densenet"):
+    assert (run_dir / "report" / "report.html").exists()
+    assert (run_dir / "report" / "genes.tsv").exists()
+  assert not (tmp_path / "compare" / "lsr" / "report").exists()
   table = (tmp_path / "comparison.md").read_text()
   assert "Deep-LSMTL" in table and "LSR" in table and "DenseNet" in table
