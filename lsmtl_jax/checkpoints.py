@@ -6,10 +6,69 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a directory could be read; the message says why."""
+
+
+# Orbax checks the shard index but not the data: a flipped bit in a parameter
+# would restore silently. Each finished save gets a CRC32 manifest of its files.
+CHECKSUMS_NAME = "lsmtl_checksums.json"
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(step_dir: str):
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel != CHECKSUMS_NAME:
+        yield rel, path
+
+
+def _write_checksums(step_dir: str) -> None:
+  manifest = {rel: [os.path.getsize(path), _crc32(path)] for rel, path in _files(step_dir)}
+  tmp = os.path.join(step_dir, f".{CHECKSUMS_NAME}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS_NAME))
+
+
+def _verify_checksums(step_dir: str) -> None:
+  """Raises CheckpointError naming the first damaged file; no manifest, no check."""
+  path = os.path.join(step_dir, CHECKSUMS_NAME)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    manifest = json.load(f)
+  for rel, (size, crc) in sorted(manifest.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.exists(full):
+      raise CheckpointError(f"{rel} is missing")
+    if os.path.getsize(full) != size:
+      raise CheckpointError(f"{rel} has {os.path.getsize(full)} bytes, {size} were written")
+    if _crc32(full) != crc:
+      raise CheckpointError(f"{rel} fails its CRC32 check")
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else ""
 
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -24,12 +83,14 @@ def _abstract(tree):
 
 
 class Checkpoints:
-  """`latest/` keeps the last two saves; `best/` keeps one."""
+  """`latest/` and `best/` keep two saves each, so a damaged newest one has a
+  fallback. Orbax writes each save under a temporary name and renames it when
+  complete, so a killed save is never taken for a checkpoint."""
 
   def __init__(self, workdir: str):
-    root = os.path.join(workdir, "checkpoints")
+    self.root = root = os.path.join(workdir, "checkpoints")
     self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2)
-    self.best = _manager(os.path.join(root, "best"), max_to_keep=1)
+    self.best = _manager(os.path.join(root, "best"), max_to_keep=2)
     # Read once, before this run saves anything, so every process agrees on it.
     self._best_steps_before_run = frozenset(self.best.all_steps())
 
@@ -39,21 +100,64 @@ class Checkpoints:
     for other in (self.latest, self.best):
       if other is not manager:
         other.wait_until_finished()
+    manager.wait_until_finished()
+    self._seal(manager)
     # The save completes in the background: hand it a snapshot of the record,
     # not the dict the training loop goes on mutating.
     record = json.loads(json.dumps(loop))
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(record)), force=True)
 
-  @staticmethod
-  def _restore(manager, like_state):
+  def _restore(self, manager, like_state):
+    """The newest readable save: a damaged one is reported and skipped."""
     manager.wait_until_finished()
-    step = manager.latest_step()
-    if step is None:
-      return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(like_state)), loop=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.loop)
+    problems, damaged = [], []
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        _verify_checksums(os.path.join(str(manager.directory), str(step)))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(like_state)),
+            loop=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  (any damage: fall back)
+        problem = f"{manager.directory}/{step}: unreadable ({type(e).__name__}: {_first_line(e)})"
+        problems.append(problem)
+        damaged.append(step)
+        logging.warning("Checkpoint %s; trying the one before it", problem)
+        continue
+      if problems:
+        logging.warning("Restored the earlier checkpoint %s/%d instead", manager.directory, step)
+        self._set_aside(manager, damaged)
+      return restored.state, dict(restored.loop)
+    if problems:
+      raise CheckpointError(f"no readable checkpoint in {manager.directory}: "
+                            + "; ".join(problems))
+    return None
+
+  def _set_aside(self, manager, steps) -> None:
+    """Moves damaged saves out of the manager's way (kept for inspection), so
+    the replayed steps can be saved again under the same numbers."""
+    if jax.process_index() == 0:
+      aside = os.path.join(self.root, "damaged")
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        src = os.path.join(str(manager.directory), str(step))
+        dst = os.path.join(aside, f"{os.path.basename(str(manager.directory))}-{step}-{os.getpid()}")
+        os.rename(src, dst)
+        logging.warning("Moved the damaged checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    manager.reload()
+
+  def latest_record(self) -> dict[str, Any] | None:
+    """The loop record of the newest save that has one, without touching the state."""
+    self.latest.wait_until_finished()
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        return dict(self.latest.restore(step, args=ocp.args.Composite(
+            loop=ocp.args.JsonRestore())).loop)
+      except Exception:  # pylint: disable=broad-except  (restore_latest reports it)
+        continue
+    return None
 
   def save_latest(self, step, state, loop) -> None:
     self._save(self.latest, step, state, loop)
@@ -72,7 +176,21 @@ class Checkpoints:
   def restore_best(self, like_state):
     return self._restore(self.best, like_state)
 
-  def close(self) -> None:
+  def _seal(self, manager) -> None:
+    """Writes a checksum manifest into every finished save that lacks one."""
+    if jax.process_index() != 0:
+      return
+    for step in manager.all_steps():
+      step_dir = os.path.join(str(manager.directory), str(step))
+      if not os.path.exists(os.path.join(step_dir, CHECKSUMS_NAME)):
+        _write_checksums(step_dir)
+
+  def wait(self) -> None:
     for manager in (self.latest, self.best):
       manager.wait_until_finished()
+      self._seal(manager)
+
+  def close(self) -> None:
+    self.wait()
+    for manager in (self.latest, self.best):
       manager.close()
