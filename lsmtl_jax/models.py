@@ -128,3 +128,102 @@ def trunk_output_width(model_config, num_landmarks: int) -> int:
   if model_config.trunk == "densenet":
     return num_landmarks + model_config.depth * model_config.hidden
   return model_config.hidden if model_config.depth > 0 else num_landmarks
+
+
+# ----------------------------------------------------------------------------
+# Heads and auxiliary modules of the comparison methods (SPEC.md section 3).
+# Extra logical axes: 'latent' (GO-MTL's r shared components), 'targets_in'
+# (the second target axis of AMTL's T x T matrix; replicated), 'critic' (the
+# SemiGAN discriminator's units). Rules that do not name them replicate them.
+# ----------------------------------------------------------------------------
+
+
+class FactorizedRegressor(nn.Module):
+  """Deep-GO-MTL: trunk, then y_hat = (h L_b) S + b: the head W = L_b S is built
+  from r latent basis tasks shared by every target."""
+
+  trunk: nn.Module
+  num_targets: int
+  rank: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    h = self.trunk(x, train=train)
+    z = nn.Dense(self.rank, use_bias=False, dtype=self.dtype, name="head_basis",
+                 kernel_init=nn.with_logical_partitioning(_kernel_init,
+                                                          ("trunk_out", "latent")))(h)
+    y = _dense(self.num_targets, ("latent", "targets"), self.dtype, "head")(z)
+    return y.astype(jnp.float32)
+
+
+class ClusteredRegressor(nn.Module):
+  """Deep-CNMTL: the plain trunk + linear head, and each target's cluster kept in
+  the 'batch_stats' collection, so the assignments re-estimated during training
+  are saved and restored with the state."""
+
+  trunk: nn.Module
+  num_targets: int
+  num_clusters: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    self.variable("batch_stats", "clusters", nn.with_logical_partitioning(
+        lambda: jnp.arange(self.num_targets, dtype=jnp.int32) % self.num_clusters,
+        ("targets",)))
+    h = self.trunk(x, train=train)
+    y = _dense(self.num_targets, ("trunk_out", "targets"), self.dtype, "head")(h)
+    return y.astype(jnp.float32)
+
+
+class TaskTransfer(nn.Module):
+  """Deep-AMTL's free T x T matrix; B = relu(raw) off the diagonal (objectives)."""
+
+  num_targets: int
+
+  def dummy_inputs(self, num_landmarks: int, num_targets: int):
+    return ()
+
+  @nn.compact
+  def __call__(self) -> jnp.ndarray:
+    init = lambda key, shape: nn.initializers.uniform(1e-3)(key, shape)
+    return self.param("raw", nn.with_logical_partitioning(init, ("targets", "targets_in")),
+                      (self.num_targets, self.num_targets))
+
+
+class OutputFeedback(nn.Module):
+  """Deep-AMTFL: h_hat = LeakyReLU(y_hat A), A (T, F) maps outputs back to features."""
+
+  num_targets: int
+  trunk_output_width: Callable[[int], int]  # num_landmarks -> F
+  negative_slope: float = 0.2
+
+  def dummy_inputs(self, num_landmarks: int, num_targets: int):
+    return (jnp.zeros((1, num_targets)), self.trunk_output_width(num_landmarks))
+
+  @nn.compact
+  def __call__(self, y_hat: jnp.ndarray, features: int) -> jnp.ndarray:
+    a = self.param("A", nn.with_logical_partitioning(_kernel_init, ("targets", "trunk_out")),
+                   (self.num_targets, features))
+    return nn.leaky_relu(y_hat @ a, self.negative_slope)
+
+
+class PairDiscriminator(nn.Module):
+  """SemiGAN's critic: an MLP on (landmarks, targets) pairs, one logit per pair."""
+
+  hidden: int
+  depth: int
+  negative_slope: float = 0.2
+  dtype: Any = jnp.float32
+
+  def dummy_inputs(self, num_landmarks: int, num_targets: int):
+    return (jnp.zeros((1, num_landmarks)), jnp.zeros((1, num_targets)))
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+    h = jnp.concatenate([x, y], axis=-1)
+    for i in range(self.depth):
+      h = _dense(self.hidden, ("trunk_in", "critic"), self.dtype, f"layer{i}")(h)
+      h = nn.leaky_relu(h, self.negative_slope)
+    return _dense(1, ("critic", None), self.dtype, "logit")(h)[:, 0].astype(jnp.float32)

@@ -55,3 +55,84 @@ def reconstruction_loss(y_hat: jnp.ndarray, mask: jnp.ndarray,
   target = jax.lax.stop_gradient(y_hat) if stop_gradient_target else y_hat
   squared = mask * jnp.square(target - reconstruction)
   return jnp.sum(squared) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Regularizers of the deep MTL baselines (SPEC.md section 3). Each is the literal
+# formula of its row; the training step divides it by the number of real tasks
+# so that its coefficients are per task, like the mean task loss beside it.
+# ----------------------------------------------------------------------------
+
+
+def per_task_loss(y: jnp.ndarray, y_hat: jnp.ndarray, kind: str = "mse") -> jnp.ndarray:
+  """L_t: the task loss of each task, a mean over the batch, shape (T,)."""
+  err = y_hat - y
+  if kind == "mse":
+    return jnp.mean(jnp.square(err), axis=0)
+  if kind == "mae":
+    return jnp.mean(jnp.abs(err), axis=0)
+  raise ValueError(f"loss.task must be 'mse' or 'mae', got {kind!r}")
+
+
+def _ones_if_none(valid, n):
+  return jnp.ones((n,), jnp.float32) if valid is None else valid
+
+
+def go_mtl_penalty(basis: jnp.ndarray, codes: jnp.ndarray, mu: float, lam: float,
+                   valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Deep-GO-MTL: mu ||S||_1 + lam ||L_b||_F^2 for the head W = L_b S.
+
+  basis L_b is (H, r), codes S is (r, T); padded tasks' codes are not counted.
+  """
+  v = _ones_if_none(valid, codes.shape[1])
+  return mu * jnp.sum(jnp.abs(codes) * v) + lam * jnp.sum(jnp.square(basis))
+
+
+def cluster_norm_penalty(w: jnp.ndarray, clusters: jnp.ndarray, num_clusters: int,
+                         eps_m: float, eps_b: float, eps_w: float,
+                         valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Deep-CNMTL: eps_M ||w_bar||^2 + eps_B sum_c n_c ||w_bar_c - w_bar||^2
+  + eps_W sum_c sum_{t in c} ||w_t - w_bar_c||^2, over the columns w_t of W (H, T).
+  """
+  v = _ones_if_none(valid, w.shape[1])
+  onehot = jax.nn.one_hot(clusters, num_clusters, dtype=w.dtype) * v[:, None]  # (T, C)
+  n_c = jnp.sum(onehot, axis=0)
+  w_bar = (w @ v) / jnp.sum(v)
+  w_bar_c = (w @ onehot) / jnp.maximum(n_c, 1.0)  # (H, C)
+  between = jnp.sum(n_c * jnp.sum(jnp.square(w_bar_c - w_bar[:, None]), axis=0))
+  within = jnp.sum(v * jnp.sum(jnp.square(w - w_bar_c @ onehot.T), axis=0))
+  return eps_m * jnp.sum(jnp.square(w_bar)) + eps_b * between + eps_w * within
+
+
+def amtl_transfer(raw: jnp.ndarray, valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """B >= 0 with diag(B) = 0 (and no edge to or from a padded task), from free params."""
+  v = _ones_if_none(valid, raw.shape[0])
+  off_diagonal = 1.0 - jnp.eye(raw.shape[0], dtype=raw.dtype)
+  return jax.nn.relu(raw) * off_diagonal * v[:, None] * v[None, :]
+
+
+def amtl_terms(w: jnp.ndarray, b: jnp.ndarray, task_losses: jnp.ndarray, alpha: float,
+               gamma: float, valid: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Deep-AMTL: (sum_t (1 + alpha ||B_t,:||_1) L_t, gamma ||W - W B||_F^2).
+
+  Row t of B is how much task t's parameters transfer to the others: a task
+  with a large loss pays for transferring, so the easy tasks teach the hard ones.
+  """
+  v = _ones_if_none(valid, w.shape[1])
+  weighted = jnp.sum(v * (1.0 + alpha * jnp.sum(jnp.abs(b), axis=1)) * task_losses)
+  w = w * v[None, :]
+  return weighted, gamma * jnp.sum(jnp.square(w - w @ b))
+
+
+def amtfl_terms(h: jnp.ndarray, h_feedback: jnp.ndarray, a: jnp.ndarray, w: jnp.ndarray,
+                task_losses: jnp.ndarray, alpha: float, gamma: float, mu: float,
+                valid: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Deep-AMTFL: (sum_t (1 + alpha ||A_t,:||_1) L_t,
+  gamma ||h - h_hat||^2 (mean over the batch) + mu ||W||_1).
+
+  A (T, F) feeds the outputs back to the trunk's features: h_hat = sigma(y_hat A).
+  """
+  v = _ones_if_none(valid, a.shape[0])
+  weighted = jnp.sum(v * (1.0 + alpha * jnp.sum(jnp.abs(a), axis=1)) * task_losses)
+  feedback = gamma * jnp.sum(jnp.square(h - h_feedback)) / h.shape[0]
+  return weighted, feedback + mu * jnp.sum(jnp.abs(w) * v[None, :])

@@ -38,11 +38,18 @@ from lsmtl_jax.checkpoints import Checkpoints
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import store
 from lsmtl_jax.data import synthetic
+from lsmtl_jax.methods import defaults as method_defaults
+from lsmtl_jax.methods import knn
+from lsmtl_jax.methods import lasso
 from lsmtl_jax.methods import linear
+from lsmtl_jax.methods import mtl
+from lsmtl_jax.methods import semigan
 
 METHOD_NAMES = {"deep_lsmtl": "Deep-LSMTL", "densenet": "DenseNet", "dgex": "D-GEX",
-                "lsr": "LSR"}
-NETWORK_METHODS = ("deep_lsmtl", "densenet", "dgex")
+                "lsr": "LSR", "lsr_l1": "LSR-L1", "knn": "KNN-GE", "semigan": "SemiGAN",
+                "semigan_semi": "SemiGAN (semi-sup.)", "go_mtl": "Deep-GO-MTL",
+                "cnmtl": "Deep-CNMTL", "amtl": "Deep-AMTL", "amtfl": "Deep-AMTFL"}
+NETWORK_METHODS = ("deep_lsmtl", "densenet", "dgex", *semigan.METHODS, *mtl.METHODS)
 
 
 class ConfigError(ValueError):
@@ -56,11 +63,17 @@ class ConfigError(ValueError):
 
 def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` with the chosen method's fixed settings applied."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = method_defaults.add_defaults(ml_collections.ConfigDict(config.to_dict()))
   if config.method == "densenet":
     config.model.trunk, config.lsmtl.lam = "densenet", 0.0
   elif config.method == "dgex":
     config.model.trunk, config.model.activation, config.lsmtl.lam = "mlp", "tanh", 0.0
+  elif config.method in semigan.METHODS:
+    # The generator is a fully connected network, as in SemiGAN; no LSMTL term.
+    config.model.trunk, config.model.activation, config.lsmtl.lam = "mlp", "leaky_relu", 0.0
+  elif config.method in mtl.METHODS:
+    # The MTL regularizers replace Deep-LSMTL's; the trunk is the same DenseNet.
+    config.model.trunk, config.lsmtl.lam = "densenet", 0.0
   return config
 
 
@@ -98,8 +111,45 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(config.train.num_steps > 0 or config.train.num_epochs > 0,
        "train.num_steps or train.num_epochs must be positive")
   need(config.lsr.ridge >= 0, f"lsr.ridge must be >= 0, got {config.lsr.ridge}")
+  _validate_method_config(config, need)
   for other in config.compare_with:
     need(other in METHOD_NAMES, f"compare_with names unknown method {other!r}")
+
+
+def _validate_method_config(config: ml_collections.ConfigDict, need) -> None:
+  """Checks the comparison methods' own sections (methods/defaults.py)."""
+  c = method_defaults.add_defaults(ml_collections.ConfigDict(config.to_dict()))
+  if c.method == "lsr_l1":
+    need(len(c.lsr_l1.alphas) > 0 and all(a >= 0 for a in c.lsr_l1.alphas),
+         f"lsr_l1.alphas must be a non-empty list of values >= 0, got {c.lsr_l1.alphas}")
+    need(c.lsr_l1.max_iters > 0, f"lsr_l1.max_iters must be positive, got {c.lsr_l1.max_iters}")
+  elif c.method == "knn":
+    need(len(c.knn.ks) > 0 and all(k >= 1 for k in c.knn.ks),
+         f"knn.ks must be a non-empty list of values >= 1, got {c.knn.ks}")
+    need(c.knn.query_block > 0 and c.knn.train_block > 0,
+         "knn.query_block and knn.train_block must be positive")
+  elif c.method in semigan.METHODS:
+    need(c.semigan.adversarial >= 0,
+         f"semigan.adversarial must be >= 0, got {c.semigan.adversarial}")
+    need(c.semigan.critic_hidden > 0 and c.semigan.critic_depth >= 1,
+         "semigan.critic_hidden must be positive and semigan.critic_depth at least 1")
+    need(0 <= c.semigan.unlabeled_fraction < 1,
+         f"semigan.unlabeled_fraction must be in [0, 1), got {c.semigan.unlabeled_fraction}")
+  elif c.method == "go_mtl":
+    need(c.go_mtl.rank > 0, f"go_mtl.rank must be positive, got {c.go_mtl.rank}")
+    need(c.go_mtl.mu >= 0 and c.go_mtl.lam >= 0, "go_mtl.mu and go_mtl.lam must be >= 0")
+  elif c.method == "cnmtl":
+    need(c.cnmtl.num_clusters >= 1, f"cnmtl.num_clusters must be >= 1, got {c.cnmtl.num_clusters}")
+    need(c.cnmtl.every > 0 and c.cnmtl.kmeans_iters >= 0,
+         "cnmtl.every must be positive and cnmtl.kmeans_iters >= 0")
+    need(min(c.cnmtl.eps_m, c.cnmtl.eps_b, c.cnmtl.eps_w) >= 0, "cnmtl.eps_* must be >= 0")
+  elif c.method == "amtl":
+    need(c.amtl.alpha >= 0 and c.amtl.gamma >= 0, "amtl.alpha and amtl.gamma must be >= 0")
+    need(c.amtl.row_sample >= 0, f"amtl.row_sample must be >= 0, got {c.amtl.row_sample}")
+  elif c.method == "amtfl":
+    need(min(c.amtfl.alpha, c.amtfl.gamma, c.amtfl.mu) >= 0,
+         "amtfl.alpha, amtfl.gamma and amtfl.mu must be >= 0")
+  need(c.memory.limit_gb >= 0, f"memory.limit_gb must be >= 0, got {c.memory.limit_gb}")
 
 
 def _open(path: str) -> store.Dataset:
@@ -172,6 +222,11 @@ class TrainState(train_state.TrainState):
 def create_model(config, num_targets: int):
   """(regressor, relation); relation is None when lam = 0 (no bottleneck at all)."""
   dtype = jnp.dtype(config.model.dtype)
+  method = config.get("method", "deep_lsmtl")
+  if method in semigan.METHODS or method in mtl.METHODS:
+    return _create_comparison_model(
+        method_defaults.add_defaults(ml_collections.ConfigDict(config.to_dict())), num_targets,
+        dtype)
   regressor = models.Regressor(trunk=models.build_trunk(config.model, dtype),
                                num_targets=num_targets, dtype=dtype)
   relation = None
@@ -179,6 +234,29 @@ def create_model(config, num_targets: int):
     relation = models.TaskRelation(num_targets=num_targets, bottleneck=config.lsmtl.bottleneck,
                                    negative_slope=config.lsmtl.negative_slope, dtype=dtype)
   return regressor, relation
+
+
+def _create_comparison_model(config, num_targets: int, dtype):
+  """(regressor, auxiliary module under params['relation']) of SemiGAN and the MTL
+  baselines: the discriminator, AMTL's B or AMTFL's feedback A; None for GO-MTL
+  and CNMTL, whose extra structure is in the head."""
+  trunk = models.build_trunk(config.model, dtype)
+  method = config.method
+  if method == "go_mtl":
+    return models.FactorizedRegressor(trunk=trunk, num_targets=num_targets,
+                                      rank=config.go_mtl.rank, dtype=dtype), None
+  if method == "cnmtl":
+    return models.ClusteredRegressor(trunk=trunk, num_targets=num_targets,
+                                     num_clusters=config.cnmtl.num_clusters, dtype=dtype), None
+  regressor = models.Regressor(trunk=trunk, num_targets=num_targets, dtype=dtype)
+  if method == "amtl":
+    return regressor, models.TaskTransfer(num_targets=num_targets)
+  if method == "amtfl":
+    return regressor, models.OutputFeedback(
+        num_targets=num_targets, negative_slope=config.lsmtl.negative_slope,
+        trunk_output_width=functools.partial(models.trunk_output_width, config.model))
+  return regressor, models.PairDiscriminator(hidden=config.semigan.critic_hidden,
+                                             depth=config.semigan.critic_depth, dtype=dtype)
 
 
 def create_learning_rate_fn(config, num_steps: int) -> optax.Schedule:
@@ -209,7 +287,10 @@ def init_variables(key, regressor, relation, num_landmarks: int, num_targets: in
   variables = regressor.init(reg_key, jnp.zeros((1, num_landmarks)), train=False)
   params = {"regressor": variables["params"]}
   if relation is not None:
-    params["relation"] = relation.init(rel_key, jnp.zeros((1, num_targets)))["params"]
+    # The comparison methods' auxiliary modules say what they are called with.
+    inputs = (relation.dummy_inputs(num_landmarks, num_targets)
+              if hasattr(relation, "dummy_inputs") else (jnp.zeros((1, num_targets)),))
+    params["relation"] = relation.init(rel_key, *inputs)["params"]
   return params, variables.get("batch_stats", {})
 
 
@@ -261,6 +342,13 @@ def loss_and_gradients(state: TrainState, batch, *, regressor, relation, config,
   num_padded = regressor.num_targets
   valid = _valid_targets(batch["y"].shape[1], num_padded)
   y = _pad_targets(batch["y"], num_padded)
+  if config.method in semigan.METHODS:
+    return semigan.loss_and_gradients(state, batch, regressor=regressor, critic=relation,
+                                      config=config, dropout_key=dropout_key, y=y, valid=valid)
+  if config.method in mtl.METHODS:
+    return _mtl_loss_and_gradients(state, batch, regressor=regressor, relation=relation,
+                                   config=config, dropout_key=dropout_key, key=mask_key, y=y,
+                                   valid=valid)
 
   def loss_fn(params):
     y_hat, updates = regressor.apply(
@@ -281,6 +369,31 @@ def loss_and_gradients(state: TrainState, batch, *, regressor, relation, config,
   step_metrics = {"loss": loss, "task_loss": l_task, "rec_loss": l_rec,
                   "grad_norm": optax.tree.norm(grads)}
   return grads, batch_stats, step_metrics
+
+
+def _mtl_loss_and_gradients(state, batch, *, regressor, relation, config, dropout_key, key, y,
+                            valid):
+  """Deep-GO-MTL, -CNMTL, -AMTL, -AMTFL: task loss + the method's regularizer
+  (methods/mtl.py), reported as rec_loss. CNMTL's clusters ride in batch_stats."""
+  batch_stats = state.batch_stats
+  if config.method == "cnmtl":
+    num_real = batch["y"].shape[1]
+    cluster_valid = valid if valid is not None else jnp.ones((num_real,), jnp.float32)
+    batch_stats = {**batch_stats, "clusters": mtl.current_clusters(state, config, cluster_valid)}
+  mutable = ["batch_stats", "intermediates"] if config.method == "amtfl" else ["batch_stats"]
+
+  def loss_fn(params):
+    y_hat, updates = regressor.apply(
+        {"params": params["regressor"], "batch_stats": batch_stats}, batch["x"], train=True,
+        rngs={"dropout": dropout_key}, mutable=mutable, **mtl.capture_features(config))
+    total, l_task, l_reg = mtl.objective(config, params, y, y_hat, updates, relation, valid, key)
+    return total, (updates["batch_stats"], l_task, l_reg)
+
+  (loss, (new_stats, l_task, l_reg)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  step_metrics = {"loss": loss, "task_loss": l_task, "rec_loss": l_reg,
+                  "grad_norm": optax.tree.norm(grads)}
+  return grads, new_stats, step_metrics
 
 
 def train_step(state: TrainState, batch, **kw):
@@ -500,15 +613,136 @@ def _fit_lsr(config, data: "Data") -> dict[str, Any]:
           "splits": splits, "extra": {"num_parameters": int(w.size + b.size)}}
 
 
+def _evaluate_linear(config, data: "Data", weights, bias):
+  """({split: summary}, {split: per-gene sums}) of y_hat = x W + b."""
+  mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
+  placement = parallel.Placement(mesh)
+  w, b = jax.device_put((jnp.asarray(weights, jnp.float32), jnp.asarray(bias, jnp.float32)),
+                        parallel.replicated(mesh))
+  stats_step = jax.jit(lambda stats, batch: metrics.accumulate(
+      stats, batch["y"], batch["x"] @ w + b, batch["weight"]), donate_argnums=0)
+  init_stats = jax.jit(lambda: metrics.zeros(data.train.num_targets),
+                       out_shardings=parallel.replicated(mesh))
+  eval_batch = math.lcm(config.train.eval_batch_size, mesh.shape["data"])
+  splits, stats = {}, {}
+  for name, eval_set in data.eval_sets.items():
+    splits[name], stats[name] = evaluation.evaluate(
+        eval_set.dataset, eval_set.indices, eval_batch, stats_step, init_stats, placement,
+        config.data.prefetch)
+  return splits, stats
+
+
+def _fit_linear(config, data: "Data") -> dict[str, Any]:
+  """LSR (ridge, closed form) or LSR-L1 (FISTA over an alpha path, the alpha
+  with the best validation MAE kept); both from the same float64 moments."""
+  dataset = data.train
+  start = time.perf_counter()
+  mean_x, mean_y, cxx, cxy = linear.moments(dataset, config.data.train_split,
+                                            config.train.eval_batch_size, config.data.prefetch)
+  extra = {}
+  if config.method == "lsr":
+    weights = np.linalg.solve(cxx + config.lsr.ridge * np.eye(dataset.num_landmarks), cxy)
+    bias = mean_y - mean_x @ weights
+    seconds = time.perf_counter() - start
+    splits, stats = _evaluate_linear(config, data, weights, bias)
+  else:
+    cfg = config.lsr_l1
+    path = lasso.path(mean_x, mean_y, cxx, cxy, cfg.alphas, cfg.max_iters, cfg.tol,
+                      config.lsr.ridge)
+    seconds = time.perf_counter() - start
+    best = None
+    selection = []
+    for alpha, weights, bias, iters in path:
+      splits, stats = _evaluate_linear(config, data, weights, bias)
+      nonzero = float(np.mean(weights != 0))
+      selection.append({"alpha": alpha, "val_mae": splits["val"]["mae_mean"],
+                        "iterations": iters, "nonzero_fraction": nonzero})
+      logging.info("LSR-L1 alpha %g: %d iterations, %.1f%% weights nonzero, val MAE %.5f",
+                   alpha, iters, 100 * nonzero, splits["val"]["mae_mean"])
+      if best is None or splits["val"]["mae_mean"] < best[0]["val"]["mae_mean"]:
+        best = (splits, stats, alpha, weights)
+    splits, stats, alpha, weights = best
+    extra = {"alpha": alpha, "selection": selection}
+  n_train = len(dataset.split(config.data.train_split))
+  return {"steps": 1, "train_seconds": seconds, "examples_per_sec": n_train / seconds,
+          "splits": splits, "gene_stats": stats,
+          "extra": {"num_parameters": int(weights.size + dataset.num_targets), **extra}}
+
+
+def _fit_knn(config, data: "Data") -> dict[str, Any]:
+  """KNN-GE: one exact neighbour search per split serves every k; the k with
+  the best validation MAE is reported on both splits."""
+  cfg = config.knn
+  start = time.perf_counter()
+  train_x, train_y = knn.load_split(data.train, config.data.train_split,
+                                    config.train.eval_batch_size, config.data.prefetch)
+  search = knn.Neighbours(train_x, cfg.train_block)
+  train_y = jnp.asarray(train_y)
+  seconds = time.perf_counter() - start
+  ks = tuple(min(int(k), search.num_train) for k in cfg.ks)
+  per_k = {name: knn.split_statistics(s.dataset, s.indices, search, train_y, ks,
+                                      cfg.query_block, config.data.prefetch)
+           for name, s in data.eval_sets.items()}
+  val = [evaluation.summarize_split(data.eval_sets["val"].dataset, s) for s in per_k["val"]]
+  best = int(np.argmin([v["mae_mean"] for v in val]))
+  for k, v in zip(ks, val):
+    logging.info("KNN-GE k=%d: val MAE %.5f", k, v["mae_mean"])
+  splits = {name: evaluation.summarize_split(data.eval_sets[name].dataset, per_k[name][best])
+            for name in data.eval_sets}
+  stats = {name: per_k[name][best] for name in data.eval_sets}
+  return {"steps": 1, "train_seconds": seconds,
+          "examples_per_sec": search.num_train / max(seconds, 1e-9), "splits": splits,
+          "gene_stats": stats,
+          "extra": {"num_parameters": 0, "k": ks[best],
+                    "selection": [{"k": k, "val_mae": v["mae_mean"]} for k, v in zip(ks, val)]}}
+
+
+def _check_network_memory(config, data: "Data") -> dict:
+  """Stops a network run whose estimated training memory cannot fit (Deep-AMTL's
+  T x T matrix at full size) before anything is allocated."""
+  num_l, num_t = data.train.num_landmarks, data.train.num_targets
+  mesh_model = parallel.mesh_shape(config.mesh, jax.device_count())[1]
+  num_padded = parallel.padded_targets(num_t, config.mesh.target_multiple, mesh_model)
+  regressor, relation = create_model(config, num_padded)
+  init = lambda: init_variables(jax.random.PRNGKey(0), regressor, relation, num_l,
+                                num_padded)[0]
+  return mtl.check_memory(config, init, num_padded,
+                          models.trunk_output_width(config.model, num_l),
+                          METHOD_NAMES[config.method])
+
+
+GENES_NAME = "genes_mae.npz"
+
+
+def _write_genes_mae(config, workdir: str, gene_stats: dict | None) -> None:
+  """WORKDIR/genes_mae.npz: per-gene MAE (standardized units) of val and test,
+  for the gene-wise comparisons of experiments.py. Network runs recompute it
+  from their best checkpoint."""
+  if gene_stats is None:
+    from lsmtl_jax import inference, report  # pylint: disable=g-import-not-at-top  (cycle)
+    genes = report.gene_metrics(inference.load_run(workdir, jax.local_devices()))
+    arrays = {f"{name}_mae": genes[name]["mae"] for name in genes}
+  else:
+    arrays = {f"{name}_mae": metrics.per_gene(stats)["mae"] for name, stats in gene_stats.items()}
+  tmp = os.path.join(workdir, f".{GENES_NAME}.tmp-{os.getpid()}.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, os.path.join(workdir, GENES_NAME))
+
+
 def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   if _is_writer():
     results_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
   logging.info("Running %s in %s", METHOD_NAMES[config.method], workdir)
   if config.method in NETWORK_METHODS:
+    memory = _check_network_memory(config, data)
     run = _train_network(config, workdir, data)
+    run["extra"]["estimated_train_bytes"] = memory["bytes"]
+  elif config.method == "knn":
+    run = _fit_knn(config, data)
   else:
-    run = _fit_lsr(config, data)
+    run = _fit_linear(config, data)
+  gene_stats = run.pop("gene_stats", None)
   state = run.pop("state", None)
   extra = run.pop("extra")
   results = {"method": config.method, "config": config.to_dict(), **run, **extra}
@@ -517,6 +751,7 @@ def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
                               steps=run["steps"], train_seconds=run["train_seconds"],
                               examples_per_sec=run["examples_per_sec"],
                               splits=run["splits"], extra=extra)
+    _write_genes_mae(config, workdir, gene_stats)
   if state is not None:
     results["state"] = state
     if config.report and _is_writer():

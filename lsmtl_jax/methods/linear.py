@@ -13,8 +13,9 @@ from lsmtl_jax.data import loader
 from lsmtl_jax.data.store import Dataset
 
 
-def fit(dataset: Dataset, split: str, batch_size: int, ridge: float,
-        prefetch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def moments(dataset: Dataset, split: str, batch_size: int,
+            prefetch: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(mean_x, mean_y, Cxx, Cxy) of a split, accumulated in float64 in one pass."""
   num_l, num_t = dataset.num_landmarks, dataset.num_targets
   n = 0.0
   sum_x, sum_y = np.zeros(num_l), np.zeros(num_t)
@@ -31,6 +32,12 @@ def fit(dataset: Dataset, split: str, batch_size: int, ridge: float,
   mean_x, mean_y = sum_x / n, sum_y / n
   cxx = xtx / n - np.outer(mean_x, mean_x)
   cxy = xty / n - np.outer(mean_x, mean_y)
-  weights = np.linalg.solve(cxx + ridge * np.eye(num_l), cxy)
+  return mean_x, mean_y, cxx, cxy
+
+
+def fit(dataset: Dataset, split: str, batch_size: int, ridge: float,
+        prefetch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  mean_x, mean_y, cxx, cxy = moments(dataset, split, batch_size, prefetch)
+  weights = np.linalg.solve(cxx + ridge * np.eye(dataset.num_landmarks), cxy)
   bias = mean_y - mean_x @ weights
   return weights, bias

@@ -1,0 +1,87 @@
+"""KNN-GE: the mean target profile of the k training profiles nearest in
+landmark space (exact Euclidean distances), for several k at once.
+
+The training split is held on the device (n x L and n x T). Queries come in
+blocks; squared distances |q|^2 - 2 q.x + |x|^2 are computed against blocks of
+training rows and merged into a running top-k, so memory stays bounded by
+query_block x train_block. One neighbour search serves every candidate k:
+the prediction for k is the running mean (a cumulative sum) of the first k.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsmtl_jax import metrics
+from lsmtl_jax.data import loader
+from lsmtl_jax.data.store import Dataset
+
+
+def load_split(dataset: Dataset, split: str, batch_size: int,
+               prefetch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  xs, ys = [], []
+  for batch in loader.eval_batches(dataset, dataset.split(split), batch_size, prefetch):
+    keep = batch["weight"] > 0
+    xs.append(batch["x"][keep])
+    ys.append(batch["y"][keep])
+  return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_block(best_d, best_i, queries, block, block_sq, offset, k: int):
+  d = (jnp.sum(queries**2, 1, keepdims=True) - 2.0 * queries @ block.T + block_sq[None, :])
+  idx = offset + jnp.arange(block.shape[0], dtype=jnp.int32)
+  all_d = jnp.concatenate([best_d, d], axis=1)
+  all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, d.shape)], axis=1)
+  neg, pos = jax.lax.top_k(-all_d, k)
+  return -neg, jnp.take_along_axis(all_i, pos, axis=1)
+
+
+class Neighbours:
+  """Exact k-nearest-neighbour search over training rows held on the device."""
+
+  def __init__(self, train_x: np.ndarray, train_block: int):
+    n = train_x.shape[0]
+    self.blocks = []
+    for start in range(0, n, train_block):
+      block = jnp.asarray(train_x[start:start + train_block])
+      self.blocks.append((block, jnp.sum(block**2, 1), jnp.int32(start)))
+    self.num_train = n
+
+  def search(self, queries: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(squared distances, indices) of the k nearest, nearest first: (Q, k) each."""
+    k = min(k, self.num_train)
+    best_d = jnp.full((queries.shape[0], k), jnp.inf, jnp.float32)
+    best_i = jnp.zeros((queries.shape[0], k), jnp.int32)
+    for block, block_sq, offset in self.blocks:
+      best_d, best_i = _merge_block(best_d, best_i, queries, block, block_sq, offset, k)
+    return best_d, best_i
+
+
+@functools.partial(jax.jit, static_argnames=("ks",), donate_argnums=0)
+def _accumulate_ks(stats, train_y, idx, y, weight, ks: tuple[int, ...]):
+  """Adds one batch's per-gene sums for each k; stats leaves are (K, T)."""
+  csum = jnp.cumsum(train_y[idx], axis=1)  # (Q, kmax, T)
+  preds = jnp.stack([csum[:, k - 1] / k for k in ks])  # (K, Q, T)
+  batch = jax.vmap(lambda p: metrics.batch_statistics(y, p, weight))(preds)
+  return {name: stats[name] + batch[name] for name in metrics.STAT_NAMES}
+
+
+def split_statistics(dataset: Dataset, indices: np.ndarray, search: Neighbours,
+                     train_y: jnp.ndarray, ks: tuple[int, ...], query_block: int,
+                     prefetch: int = 4) -> list[dict[str, np.ndarray]]:
+  """Per-gene sums of the rows `indices` for every k in ks (one dict per k)."""
+  ks = tuple(min(k, search.num_train) for k in ks)
+  kmax = max(ks)
+  stats = {name: jnp.zeros((len(ks), dataset.num_targets), jnp.float32)
+           for name in metrics.STAT_NAMES}
+  for batch in loader.eval_batches(dataset, indices, query_block, prefetch):
+    _, idx = search.search(jnp.asarray(batch["x"]), kmax)
+    stats = _accumulate_ks(stats, train_y, idx, jnp.asarray(batch["y"]),
+                           jnp.asarray(batch["weight"]), ks)
+  host = {name: np.asarray(v, np.float64) for name, v in stats.items()}
+  return [{name: host[name][i] for name in metrics.STAT_NAMES} for i in range(len(ks))]
