@@ -1,0 +1,636 @@
+"""Training-step benchmark: examples/s, MFU, memory, the input pipeline, and the
+PyTorch reference side by side.
+
+One configuration (a config file plus overrides, as for training)::
+
+  python -m lsmtl_jax.benchmark --config=configs/demo.py [--config.model.hidden=3000 ...]
+      [--torch=auto|on|off] [--lam0] [--loader] [--json]
+
+The issue-6 suite (demo size and 3 x 3,000 against PyTorch, the regularizer's
+cost, MFU, loader/training ratios for the demo and a GEO-shaped store)::
+
+  python -m lsmtl_jax.benchmark --suite=issue6 [--json]
+
+What is measured
+  * The jitted train step exactly as training builds it (train.train_step,
+    in/out shardings, the state donated), after warm-up; every timed block of
+    `--steps` steps ends with block_until_ready. Step time: median over
+    `--repeats` blocks, with the min-max spread.
+  * Analytic model FLOPs per example (perf.train_flops_per_example: 6 x the
+    dense layers' multiply-adds) and MFU against the float32 matmul peak this
+    device measures in the same invocation (perf.measured_matmul_peak).
+  * Parameter and optimizer-state bytes; peak device memory where the backend
+    reports it (CPU does not: the process's peak RSS is printed instead).
+  * With --torch, ../shared/bench/peer_torch_densenet.py (the same network,
+    loss and optimizer in PyTorch) runs as a subprocess between the JAX blocks,
+    same machine, same batch, same threads; the ratio is computed per repeat.
+    Without the script (or without torch) the comparison is skipped and says so.
+  * With --lam0, the same model with lam = 0 interleaved: Deep-LSMTL's step
+    time over the plain DenseNet's, and the regularizer's extra memory
+    (O(T k)) beside Deep-AMTL's T x T relation matrix (O(T^2)).
+  * With --loader, examples/s of the training loader (loader.train_batches:
+    random rows from the zarr3 TensorStore, prefetched) and its ratio to
+    training examples/s.
+
+Timings on a shared machine are noisy: every comparison is interleaved within
+one invocation and reported as ratios with their spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import lsmtl_jax
+from lsmtl_jax import parallel
+from lsmtl_jax import perf
+from lsmtl_jax import train
+from lsmtl_jax.data import loader
+from lsmtl_jax.data import store
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(lsmtl_jax.__file__)))
+DEFAULT_TORCH_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench",
+                                    "peer_torch_densenet.py")
+GEO_LANDMARKS, GEO_TARGETS = 943, 9520
+
+# ----------------------------------------------------------------------------
+# Pieces (importable; the tests call them on tiny shapes)
+# ----------------------------------------------------------------------------
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def peak_device_memory() -> int | None:
+  """peak_bytes_in_use of the first device, or None where the backend has no stats."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not stats:
+    return None
+  return stats.get("peak_bytes_in_use")
+
+
+def host_peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def num_threads() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def regularizer_memory(num_targets: int, bottleneck: int) -> dict[str, Any]:
+  """Extra float32 parameters and their Adam state: LSMTL's T -> k -> T bottleneck
+  (2 T k + T + k) against Deep-AMTL's T x T relation matrix."""
+  lsmtl_params = 2 * num_targets * bottleneck + num_targets + bottleneck
+  amtl_params = num_targets * num_targets
+  return {"targets": num_targets, "bottleneck": bottleneck,
+          "lsmtl_params": lsmtl_params, "lsmtl_bytes_with_adam": 3 * 4 * lsmtl_params,
+          "amtl_params": amtl_params, "amtl_bytes_with_adam": 3 * 4 * amtl_params,
+          "amtl_over_lsmtl": amtl_params / lsmtl_params}
+
+
+class StepBench:
+  """A train state and its jitted step, built the way train._train_network builds them.
+
+  `block(steps)` runs `steps` donated steps and returns seconds per step, after
+  block_until_ready on the state and metrics.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_landmarks: int, num_targets: int,
+               seed: int = 0):
+    config = train.resolve_method(config)
+    train.validate_config(config)
+    self.config = config
+    self.num_landmarks, self.num_targets = num_landmarks, num_targets
+    self.batch_size = config.train.batch_size
+    mesh = parallel.make_mesh(config.mesh)
+    self.mesh = mesh
+    padded = parallel.padded_targets(num_targets, config.mesh.target_multiple,
+                                     mesh.shape["model"])
+    self.padded_targets = padded
+    regressor, relation = train.create_model(config, padded)
+    self.has_relation = relation is not None
+    init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    tx = train.create_optimizer(config, 10_000)
+    self.state, shardings = train.create_train_state(
+        init_key, regressor, relation, num_landmarks, padded, tx, mesh,
+        parallel.logical_rules(config.mesh))
+    self.step_fn = jax.jit(
+        functools.partial(train.train_step, regressor=regressor, relation=relation,
+                          config=config, base_key=base_key),
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    rng = np.random.default_rng(seed)
+    host = {"x": rng.standard_normal((self.batch_size, num_landmarks), np.float32),
+            "y": rng.standard_normal((self.batch_size, num_targets), np.float32)}
+    self.batch = parallel.Placement(mesh).put(host, self.batch_size)
+    self.compile_seconds = None
+    self.last_metrics = None
+
+  @property
+  def param_bytes(self) -> int:
+    return tree_bytes(self.state.params)
+
+  @property
+  def opt_state_bytes(self) -> int:
+    return tree_bytes(self.state.opt_state)
+
+  @property
+  def relation_param_bytes(self) -> int:
+    return tree_bytes(self.state.params.get("relation", {}))
+
+  def flops_per_example(self) -> int:
+    k = self.config.lsmtl.bottleneck if self.has_relation else 0
+    return perf.train_flops_per_example(self.config.model, self.num_landmarks, self.num_targets,
+                                        k)
+
+  def warmup(self, steps: int = 2) -> None:
+    start = time.perf_counter()
+    self.block(1)
+    self.compile_seconds = time.perf_counter() - start
+    if steps > 1:
+      self.block(steps - 1)
+
+  def block(self, steps: int) -> float:
+    state = self.state
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = self.step_fn(state, self.batch)
+    jax.block_until_ready((state, metrics))
+    seconds = (time.perf_counter() - start) / steps
+    self.state, self.last_metrics = state, metrics
+    return seconds
+
+
+def run_torch_peer(script: str, *, hidden: int, depth: int, batch: int, bottleneck: int,
+                   n_in: int, n_out: int, steps: int, warmup: int, threads: int, lam: float,
+                   mask_rate: float, dropout: float, timeout: float = 1800) -> dict[str, Any]:
+  """One run of the PyTorch reference; its JSON line, or {'skipped': why}."""
+  if not script or not os.path.isfile(script):
+    return {"skipped": f"PyTorch reference not found at {script or '(none)'}"}
+  cmd = [sys.executable, script, "--hidden", str(hidden), "--layers", str(depth), "--batch",
+         str(batch), "--bottleneck", str(bottleneck), "--n_in", str(n_in), "--n_out",
+         str(n_out), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
+         "--lam", str(lam), "--mask_rate", str(mask_rate), "--dropout", str(dropout)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return {"skipped": f"PyTorch reference timed out after {timeout:.0f} s"}
+  if proc.returncode != 0:
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if "No module named 'torch'" in proc.stderr:
+      last = "torch is not installed (pip install torch, CPU build; or pip install -e '.[bench]')"
+    return {"skipped": f"PyTorch reference failed: {last}"}
+  for line in reversed(proc.stdout.strip().splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  return {"skipped": "PyTorch reference printed no JSON line"}
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+  values = [float(v) for v in values]
+  if not values:
+    return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+  return {"median": float(np.median(values)), "min": min(values), "max": max(values),
+          "n": len(values)}
+
+
+def measure_loader(dataset: store.Dataset, batch_size: int, num_batches: int,
+                   prefetch: int = 4, split: str = "train", seed: int = 0,
+                   warmup: int = 2) -> dict[str, Any]:
+  """Examples/s of loader.train_batches (random rows of the split, prefetched).
+
+  The first `warmup` batches (thread start, first reads) are not timed.
+  """
+  indices = dataset.split(split)
+  order = loader.TrainOrder(indices, batch_size, seed)
+  total = warmup + num_batches
+  batches = loader.train_batches(dataset, order, 0, total, prefetch)
+  try:
+    for _ in range(warmup):
+      next(batches)
+    start = time.perf_counter()
+    rows = 0
+    for _ in range(num_batches):
+      rows += next(batches)["x"].shape[0]
+    seconds = time.perf_counter() - start
+  finally:
+    batches.close()
+  return {"examples_per_s": rows / seconds, "batches": num_batches, "batch_size": batch_size,
+          "prefetch": prefetch, "store": dataset.path, "rows_in_store": dataset.num_samples,
+          "columns": dataset.num_landmarks + dataset.num_targets}
+
+
+def write_random_store(path: str, num_samples: int, num_landmarks: int = GEO_LANDMARKS,
+                       num_targets: int = GEO_TARGETS, seed: int = 0,
+                       block_rows: int = 2048) -> store.Dataset:
+  """A GEO-shaped dataset of random standardized values (for loader timing only)."""
+  rng = np.random.default_rng(seed)
+
+  def blocks():
+    for start in range(0, num_samples, block_rows):
+      rows = min(block_rows, num_samples - start)
+      yield rng.standard_normal((rows, num_landmarks + num_targets), np.float32)
+
+  n_train = int(0.8 * num_samples)
+  n_val = (num_samples - n_train) // 2
+  perm = rng.permutation(num_samples)
+  meta = {"landmarks": {"ids": [f"L{i}" for i in range(num_landmarks)]},
+          "targets": {"ids": [f"T{i}" for i in range(num_targets)]},
+          "splits": {"train": perm[:n_train].tolist(),
+                     "val": perm[n_train:n_train + n_val].tolist(),
+                     "test": perm[n_train + n_val:].tolist()},
+          "provenance": {"generator": "lsmtl_jax.benchmark.write_random_store"}}
+  return store.write_dataset(path, blocks(), num_samples, meta)
+
+
+# ----------------------------------------------------------------------------
+# One model size: JAX (lam > 0, optionally lam = 0) and PyTorch, interleaved
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SizeOptions:
+  repeats: int = 5
+  steps: int = 5
+  warmup: int = 2
+  torch: str = "auto"  # 'auto' (run if found), 'on' (required), 'off'
+  torch_script: str = DEFAULT_TORCH_SCRIPT
+  torch_steps: int = 0  # 0: the same as steps
+  lam0: bool = True
+  threads: int = 0  # 0: every core this process may use
+
+
+def benchmark_size(config: ml_collections.ConfigDict, num_landmarks: int, num_targets: int,
+                   options: SizeOptions, peak_flops: float, label: str = "",
+                   log=print) -> dict[str, Any]:
+  """Deep-LSMTL's step (and lam = 0's, and PyTorch's) timed in interleaved repeats."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  threads = options.threads or num_threads()
+  lsmtl_on = config.lsmtl.lam > 0 and config.method == "deep_lsmtl"
+  main = StepBench(config, num_landmarks, num_targets)
+  lam0 = None
+  if options.lam0 and lsmtl_on:
+    zero = ml_collections.ConfigDict(config.to_dict())
+    zero.lsmtl.lam = 0.0
+    lam0 = StepBench(zero, num_landmarks, num_targets)
+  for bench in (main, lam0):
+    if bench is not None:
+      bench.warmup(options.warmup)
+
+  model = config.model
+  torch_wanted = options.torch != "off" and model.trunk == "densenet"
+  torch_kw = dict(hidden=model.hidden, depth=model.depth, batch=config.train.batch_size,
+                  bottleneck=config.lsmtl.bottleneck if lsmtl_on else 0, n_in=num_landmarks,
+                  n_out=num_targets, steps=options.torch_steps or options.steps,
+                  warmup=options.warmup, threads=threads, lam=config.lsmtl.lam,
+                  mask_rate=config.lsmtl.mask_rate, dropout=model.dropout)
+  times = {"jax": [], "jax_lam0": [], "torch": []}
+  torch_skip, torch_info = None, {}
+  if torch_wanted and not os.path.isfile(options.torch_script):
+    torch_skip = f"PyTorch reference not found at {options.torch_script}"
+  for rep in range(options.repeats):
+    times["jax"].append(main.block(options.steps))
+    if lam0 is not None:
+      times["jax_lam0"].append(lam0.block(options.steps))
+    if torch_wanted and torch_skip is None:
+      peer = run_torch_peer(options.torch_script, **torch_kw)
+      if "skipped" in peer:
+        torch_skip = peer["skipped"]
+      else:
+        times["torch"].append(peer["step_s"])
+        torch_info = {k: peer[k] for k in ("torch", "threads", "flops_per_example") if k in peer}
+    log(f"  {label} repeat {rep + 1}/{options.repeats}: JAX {times['jax'][-1] * 1e3:.1f} ms"
+        + (f", lam=0 {times['jax_lam0'][-1] * 1e3:.1f} ms" if times["jax_lam0"] else "")
+        + (f", PyTorch {times['torch'][-1] * 1e3:.1f} ms" if len(times["torch"]) > rep else ""))
+  if torch_skip and options.torch == "on":
+    raise RuntimeError(f"--torch=on: {torch_skip}")
+
+  batch = config.train.batch_size
+  flops = main.flops_per_example()
+  step = _spread(times["jax"])
+  eps = batch / step["median"]
+  result: dict[str, Any] = {
+      "label": label, "hidden": model.hidden, "depth": model.depth, "trunk": model.trunk,
+      "batch": batch, "landmarks": num_landmarks, "targets": num_targets,
+      "padded_targets": main.padded_targets, "lam": config.lsmtl.lam,
+      "bottleneck": config.lsmtl.bottleneck if lsmtl_on else 0, "dtype": model.dtype,
+      "optimizer": config.optim.name, "threads": threads, "steps_per_repeat": options.steps,
+      "step_s": step, "examples_per_s": eps,
+      "examples_per_s_spread": {"min": batch / step["max"], "max": batch / step["min"]},
+      "compile_s": main.compile_seconds, "flops_per_example": flops,
+      "achieved_flops": eps * flops, "mfu": eps * flops / peak_flops,
+      "param_bytes": main.param_bytes, "opt_state_bytes": main.opt_state_bytes,
+      "relation_param_bytes": main.relation_param_bytes,
+      "peak_device_bytes": peak_device_memory(),
+      "loss_finite": bool(np.isfinite(float(main.last_metrics["loss"]))),
+  }
+  if lam0 is not None:
+    ratios = [a / b for a, b in zip(times["jax"], times["jax_lam0"])]
+    result["lam0"] = {"step_s": _spread(times["jax_lam0"]),
+                      "examples_per_s": batch / _spread(times["jax_lam0"])["median"],
+                      "param_bytes": lam0.param_bytes, "opt_state_bytes": lam0.opt_state_bytes,
+                      "lsmtl_over_lam0_step": _spread(ratios),
+                      "extra_state_bytes": (main.param_bytes + main.opt_state_bytes
+                                            - lam0.param_bytes - lam0.opt_state_bytes)}
+    result["regularizer_memory"] = regularizer_memory(num_targets, config.lsmtl.bottleneck)
+  if torch_wanted:
+    if times["torch"]:
+      n = len(times["torch"])
+      ratios = [t / j for j, t in zip(times["jax"][:n], times["torch"])]
+      tstep = _spread(times["torch"])
+      result["torch"] = {"step_s": tstep, "examples_per_s": batch / tstep["median"],
+                         "jax_over_torch_examples_per_s": _spread(ratios), **torch_info}
+      if torch_skip:
+        result["torch"]["note"] = f"stopped after {n} repeats: {torch_skip}"
+    else:
+      result["torch"] = {"skipped": torch_skip}
+  del main, lam0
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------
+
+
+def _mib(n) -> str:
+  return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _pm(s: dict[str, float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+  return (fmt.format(s["median"] * scale) + " [" + fmt.format(s["min"] * scale) + "-"
+          + fmt.format(s["max"] * scale) + "]")
+
+
+def format_report(report: dict[str, Any]) -> str:
+  m = report["machine"]
+  lines = [f"lsmtl_jax benchmark  (JAX {m['jax']}, backend {m['backend']}, {m['device']}, "
+           f"{m['threads']} threads; float32 matmul peak measured "
+           f"{m['matmul_peak_flops'] / 1e9:.1f} GFLOP/s)",
+           "Step times: median [min-max] over repeats; ratios computed per repeat.", ""]
+  for r in report["sizes"]:
+    lines.append(f"== {r['label']}: {r['trunk']} {r['depth']} x {r['hidden']}, batch {r['batch']}, "
+                 f"T={r['targets']} (head padded to {r['padded_targets']}), lam={r['lam']}, "
+                 f"k={r['bottleneck']}, {r['dtype']}, {r['optimizer']}")
+    rows = [("JAX step (ms)", _pm(r["step_s"], 1e3)),
+            ("JAX examples/s", f"{r['examples_per_s']:,.0f} "
+             f"[{r['examples_per_s_spread']['min']:,.0f}-{r['examples_per_s_spread']['max']:,.0f}]"),
+            ("FLOPs/example (analytic)", f"{r['flops_per_example'] / 1e6:,.1f} M"),
+            ("achieved", f"{r['achieved_flops'] / 1e9:,.1f} GFLOP/s"),
+            ("MFU (vs measured peak)", f"{100 * r['mfu']:.1f} %"),
+            ("params / optimizer state", f"{_mib(r['param_bytes'])} / {_mib(r['opt_state_bytes'])}"),
+            ("peak device memory", _mib(r["peak_device_bytes"]) if r["peak_device_bytes"]
+             else "n/a (backend reports none)"),
+            ("compile + first step", f"{r['compile_s']:.1f} s")]
+    if "lam0" in r:
+      z = r["lam0"]
+      rm = r["regularizer_memory"]
+      rows += [("lam=0 step (ms)", _pm(z["step_s"], 1e3)),
+               ("LSMTL / lam=0 step time", _pm(z["lsmtl_over_lam0_step"], 1, "{:.3f}")
+                + "  (target <= 1.10)"),
+               ("regularizer extra state", f"{_mib(z['extra_state_bytes'])} measured; "
+                f"O(T k) = 3 x 4 B x {rm['lsmtl_params']:,} = {_mib(rm['lsmtl_bytes_with_adam'])}"),
+               ("Deep-AMTL T x T instead", f"O(T^2) = 3 x 4 B x {rm['amtl_params']:,} = "
+                f"{_mib(rm['amtl_bytes_with_adam'])} ({rm['amtl_over_lsmtl']:.0f}x)")]
+    if "torch" in r:
+      t = r["torch"]
+      if "skipped" in t:
+        rows.append(("PyTorch reference", f"skipped: {t['skipped']}"))
+      else:
+        rows += [(f"PyTorch {t.get('torch', '')} step (ms)", _pm(t["step_s"], 1e3)
+                  + f"  ({t.get('threads', '?')} threads)"),
+                 ("PyTorch examples/s", f"{t['examples_per_s']:,.0f}"),
+                 ("JAX / PyTorch examples/s", _pm(t["jax_over_torch_examples_per_s"], 1, "{:.2f}")
+                  + "  (target >= 1.2)")]
+        if "note" in t:
+          rows.append(("PyTorch note", t["note"]))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows] + [""]
+  for ld in report.get("loaders", []):
+    if "skipped" in ld:
+      lines.append(f"== loader {ld['label']}: skipped: {ld['skipped']}")
+      continue
+    lines.append(f"== loader {ld['label']}: {ld['rows_in_store']:,} rows x {ld['columns']:,} "
+                 f"float32 (zarr3, one-row chunks), batch {ld['batch_size']}, prefetch "
+                 f"{ld['prefetch']}")
+    lines.append(f"  loader examples/s        {ld['examples_per_s']:,.0f}")
+    if ld.get("train_examples_per_s"):
+      lines.append(f"  training examples/s      {ld['train_examples_per_s']:,.1f}  "
+                   f"({ld['train_source']})")
+      lines.append(f"  loader / training        {ld['loader_over_training']:.1f}  (target >= 5)")
+    lines.append("")
+  s = report.get("summary")
+  if s:
+    lines.append("== summary")
+    width = max(len(k) for k in s)
+    lines += [f"  {k:<{width}}  {v}" for k, v in s.items()]
+  lines.append(f"  host peak RSS: {_mib(report['host_peak_rss'])}")
+  return "\n".join(lines)
+
+
+def machine_info(peak_flops: float) -> dict[str, Any]:
+  device = jax.devices()[0]
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+  except OSError:
+    pass
+  return {"jax": jax.__version__, "backend": jax.default_backend(),
+          "device": getattr(device, "device_kind", str(device)) + (f" ({cpu})" if cpu else ""),
+          "devices": jax.device_count(), "threads": num_threads(),
+          "matmul_peak_flops": peak_flops, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "demo.py"),
+                                  "Model/training config (as for training).", lock_config=True)
+  flags.DEFINE_enum("suite", "", ["", "issue6"],
+                    "issue6: demo size and 3 x 3,000 vs PyTorch, lam=0, loaders, MFU.")
+  flags.DEFINE_integer("repeats", 5, "Timed blocks per measurement (interleaved).")
+  flags.DEFINE_integer("steps", 5, "Steps per timed block.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first compiles).")
+  flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"],
+                    "Run the PyTorch reference side by side: auto = when its script and torch "
+                    "are there; on = required.")
+  flags.DEFINE_string("torch_script", DEFAULT_TORCH_SCRIPT, "The PyTorch reference script.")
+  flags.DEFINE_bool("lam0", True, "Also time lam = 0 (the regularizer's cost).")
+  flags.DEFINE_bool("loader", True, "Time the loader on the config's dataset.")
+  flags.DEFINE_integer("loader_batches", 60, "Batches read to time the loader.")
+  flags.DEFINE_integer("geo_rows", 20000,
+                       "issue6: rows of the temporary GEO-shaped store (943 + 9,520 float32 "
+                       "columns; 20,000 rows = 0.84 GB, deleted afterwards).")
+  flags.DEFINE_string("scratch", "", "Where the temporary store goes (default: system temp).")
+  flags.DEFINE_enum("geo_train", "estimate", ["estimate", "measure", "off"],
+                    "issue6, training examples/s at the geo config (3 x 9,000): 'measure' times "
+                    "it (about 9 GB of memory and minutes on a CPU), 'estimate' derives it from "
+                    "the 3 x 3,000 MFU and the analytic FLOPs.")
+  flags.DEFINE_integer("threads", 0, "Threads for the PyTorch reference (0: every core).")
+  flags.DEFINE_bool("json", False, "Print the report as JSON instead of the table.")
+  flags.DEFINE_string("out", "", "Also write the JSON report to this path.")
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _loader_entry(label, dataset, batch, train_eps, source, prefetch) -> dict[str, Any]:
+  entry = {"label": label, **measure_loader(dataset, batch, FLAGS.loader_batches, prefetch)}
+  if train_eps:
+    entry.update(train_examples_per_s=train_eps, train_source=source,
+                 loader_over_training=entry["examples_per_s"] / train_eps)
+  return entry
+
+
+def _config_dataset(config):
+  """The config's dataset (the synthetic compendium is generated on first use)."""
+  try:
+    return train.load_dataset(config), None
+  except (store.DatasetError, OSError) as e:
+    return None, str(e)
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  options = SizeOptions(repeats=FLAGS.repeats, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                        torch=FLAGS.torch, torch_script=FLAGS.torch_script, lam0=FLAGS.lam0,
+                        threads=FLAGS.threads)
+  _log("measuring the float32 matmul peak ...")
+  peak = perf.measured_matmul_peak()
+  report: dict[str, Any] = {"machine": machine_info(peak), "sizes": [], "loaders": []}
+  config = train.resolve_method(config)
+  dataset, why = (None, "config has no dataset")
+  if config.data.synthetic.enabled or config.data.path:
+    dataset, why = _config_dataset(config)
+  num_l = dataset.num_landmarks if dataset else config.data.synthetic.num_landmarks
+  num_t = dataset.num_targets if dataset else config.data.synthetic.num_targets
+
+  if FLAGS.suite == "issue6":
+    sizes = [("demo 2 x 512", 512, 2), ("3 x 3,000", 3000, 3)]
+    for label, hidden, depth in sizes:
+      c = ml_collections.ConfigDict(config.to_dict())
+      c.model.hidden, c.model.depth = hidden, depth
+      _log(f"timing {label} ...")
+      report["sizes"].append(benchmark_size(c, num_l, num_t, options, peak, label, _log))
+  else:
+    _log(f"timing {config.model.depth} x {config.model.hidden} ...")
+    report["sizes"].append(benchmark_size(config, num_l, num_t, options, peak, "config", _log))
+
+  if FLAGS.loader:
+    demo_eps = report["sizes"][0]["examples_per_s"]
+    if dataset is None:
+      report["loaders"].append({"label": "config dataset", "skipped": why})
+    else:
+      _log("timing the loader on the config's dataset ...")
+      report["loaders"].append(_loader_entry(
+          "demo" if FLAGS.suite else "config dataset", dataset, config.train.batch_size,
+          demo_eps, f"{report['sizes'][0]['label']}, measured above", config.data.prefetch))
+    if FLAGS.suite == "issue6":
+      report["loaders"].append(_geo_loader(config, report, peak))
+
+  report["host_peak_rss"] = host_peak_rss()
+  report["summary"] = _summary(report)
+  return report
+
+
+def _geo_loader(config, report, peak) -> dict[str, Any]:
+  from configs import geo  # pylint: disable=g-import-not-at-top
+  geo_config = geo.get_config()
+  flops = perf.train_flops_per_example(geo_config.model, GEO_LANDMARKS, GEO_TARGETS,
+                                       geo_config.lsmtl.bottleneck)
+  train_eps, source = None, ""
+  if FLAGS.geo_train == "measure":
+    _log("timing the geo config (3 x 9,000) ...")
+    opts = SizeOptions(repeats=2, steps=1, warmup=1, torch="off", lam0=False)
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.hidden, c.model.depth = geo_config.model.hidden, geo_config.model.depth
+    c.lsmtl.bottleneck = geo_config.lsmtl.bottleneck
+    c.train.batch_size = geo_config.train.batch_size
+    geo_size = benchmark_size(c, GEO_LANDMARKS, GEO_TARGETS, opts, peak, "geo 3 x 9,000", _log)
+    report["sizes"].append(geo_size)
+    train_eps, source = geo_size["examples_per_s"], "geo config, measured"
+  elif FLAGS.geo_train == "estimate":
+    mfu = report["sizes"][-1]["mfu"]
+    train_eps = mfu * peak / flops
+    source = (f"geo config estimated: {flops / 1e9:.2f} GFLOP/example at the "
+              f"{report['sizes'][-1]['label']} MFU {100 * mfu:.1f} %")
+  parent = FLAGS.scratch or tempfile.gettempdir()
+  path = tempfile.mkdtemp(prefix="lsmtl_bench_geo_", dir=parent)
+  try:
+    _log(f"writing a GEO-shaped store of {FLAGS.geo_rows:,} rows in {path} ...")
+    ds = write_random_store(os.path.join(path, "geo"), FLAGS.geo_rows)
+    _log("timing the loader on it ...")
+    return _loader_entry("geo-shaped store", ds, geo_config.train.batch_size, train_eps, source,
+                         config.data.prefetch)
+  finally:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _summary(report) -> dict[str, str]:
+  s = {}
+  for r in report["sizes"]:
+    t = r.get("torch", {})
+    if "jax_over_torch_examples_per_s" in t:
+      s[f"JAX/PyTorch examples/s, {r['label']}"] = _pm(t["jax_over_torch_examples_per_s"], 1,
+                                                       "{:.2f}") + "  (target >= 1.2)"
+    elif "skipped" in t:
+      s[f"JAX/PyTorch examples/s, {r['label']}"] = f"skipped: {t['skipped']}"
+    if "lam0" in r:
+      s[f"LSMTL/lam=0 step time, {r['label']}"] = _pm(r["lam0"]["lsmtl_over_lam0_step"], 1,
+                                                     "{:.3f}") + "  (target <= 1.10)"
+    s[f"MFU, {r['label']}"] = f"{100 * r['mfu']:.1f} %  ({r['examples_per_s']:,.0f} examples/s)"
+  for ld in report.get("loaders", []):
+    if "loader_over_training" in ld:
+      s[f"loader/training, {ld['label']}"] = f"{ld['loader_over_training']:.1f}  (target >= 5)"
+  return s
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  report = run(FLAGS.config)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(report, f, indent=1)
+  if FLAGS.json:
+    print(json.dumps(report, indent=1))
+  else:
+    print(format_report(report))
+
+
+if __name__ == "__main__":
+  if REPO not in sys.path:  # configs/ is a top-level folder next to the package
+    sys.path.insert(0, REPO)
+  _define_flags()
+  app.run(main)
