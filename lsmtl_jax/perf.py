@@ -1,10 +1,13 @@
 """Model FLOPs and the measured matmul peak of the current device, for MFU; and
-the one lowering choice the package makes for speed on CPU (threefry, below)."""
+two process settings the package makes for speed on CPU (threefry lowering,
+host allocator; below), applied when train.py imports this module."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import sys
 import time
 
 import jax
@@ -78,6 +81,37 @@ def use_unrolled_threefry_on_cpu() -> bool:
   return True
 
 
-# train.py imports this module, so every training and benchmark process gets it
-# before its first step is traced.
+DEFAULT_MALLOC_ENV = "LSMTL_JAX_DEFAULT_MALLOC"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_memory_for_reuse() -> bool:
+  """glibc malloc: one arena, no mmap for large blocks, no trimming.
+
+  XLA:CPU allocates each step's temporaries as one block (271 MB at the demo
+  size) and frees it after the step; glibc serves blocks that large with a
+  fresh mmap, so every step page-faults the whole block back in (66,000 minor
+  faults, about 0.14 s of kernel time per step on 2 cores, 20 % of the step).
+  With these settings freed blocks stay in the heap and the next step reuses
+  them without a fault. The process keeps its peak heap (no trimming), the
+  usual trade for a training job. Set LSMTL_JAX_DEFAULT_MALLOC=1 to skip;
+  non-glibc systems are left alone. Returns whether the settings were applied.
+  """
+  if os.environ.get(DEFAULT_MALLOC_ENV, "") not in ("", "0") or not sys.platform.startswith(
+      "linux"):
+    return False
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.gnu_get_libc_version  # pylint: disable=pointless-statement
+    ok = libc.mallopt(_M_ARENA_MAX, 1) == 1
+    ok &= libc.mallopt(_M_MMAP_MAX, 0) == 1
+    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return bool(ok)
+  except (OSError, AttributeError):
+    return False
+
+
+# train.py imports this module, so every training and benchmark process gets
+# these before its first step is traced and before XLA starts its threads.
 UNROLLED_THREEFRY = use_unrolled_threefry_on_cpu()
+MALLOC_TUNED = keep_freed_memory_for_reuse()
