@@ -299,8 +299,9 @@ def format_markdown(entries: list[dict]) -> str:
     cell = lambda s, m: f"{e[f'{s}_{m}_mean']:.4f} ± {e[f'{s}_{m}_std']:.4f}"
     better = ""
     if "lsmtl_fraction_reference_better" in e:
+      p = e["lsmtl_wilcoxon_p"]
       better = (f"{100 * e['lsmtl_fraction_reference_better']:.1f}% "
-                f"(p = {e['lsmtl_wilcoxon_p']:.2g})")
+                f"(p {'< 1e-300' if p < 1e-300 else f'= {p:.2g}'})")
     lines.append(f"| {e['method']} | {cell('test', 'mae')} | {cell('test', 'cc')} | "
                  f"{cell('val', 'mae')} | {cell('val', 'cc')} | {e['num_parameters']:,} | "
                  f"{_fmt_bytes(e['peak_bytes'])} | {e['train_seconds']:.1f} | {better} |")
