@@ -6,6 +6,8 @@ the command line, e.g. `--config.model.hidden=512 --config.lsmtl.lam=0.5`.
 
 import ml_collections
 
+from lsmtl_jax.methods import defaults as method_defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -70,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 2000
   config.train.patience = 10  # evaluations without a better val MAE before stopping
   config.train.eval_batch_size = 1024
+  # A non-finite loss or gradient norm: 'stop' (the last good checkpoint stays
+  # the latest) or 'skip' the step (counted and logged).
+  config.train.nonfinite = "stop"
 
   # Device mesh: 'data' splits the batch, 'model' splits the target axis (head,
   # bottleneck, per-gene metrics). -1 takes the devices the other axis leaves.
@@ -89,4 +94,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Other methods to run on the same data after this one, and tabulate beside it.
   config.compare_with = ()
-  return config
+  # The comparison methods' own sections (lsr_l1, knn, semigan, go_mtl, cnmtl,
+  # amtl, amtfl, memory): lsmtl_jax/methods/defaults.py documents each field.
+  return method_defaults.add_defaults(config)

@@ -5,7 +5,10 @@ coordinator itself; elsewhere pass --coordinator_address, --num_processes and
 --process_id (launch/local_multiprocess.sh does so for processes on one host).
 """
 
+import os
+import signal
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -13,8 +16,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from lsmtl_jax import cli
 from lsmtl_jax import parallel
 from lsmtl_jax import train
+from lsmtl_jax.checkpoints import CheckpointError
 from lsmtl_jax.data.store import DatasetError
 
 FLAGS = flags.FLAGS
@@ -56,9 +61,29 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, parallel.MeshError, DatasetError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2, f"error: {e}")
+  except (train.NonFiniteError, CheckpointError) as e:
+    _exit(1, f"error: {e}")
+  except train.Preempted as e:
+    _exit(128 + signal.SIGTERM, f"preempted: {e}")
+  except BaseException:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    _exit(1, f"error: process {jax.process_index()} failed (traceback above)")
+
+
+def _exit(code: int, line: str):
+  print(line, file=sys.stderr, flush=True)
+  if jax.process_count() > 1:
+    # A graceful exit waits in JAX's shutdown barrier for peers that may be
+    # blocked in a collective on us: leave at once, so the coordinator's
+    # heartbeat check stops the others within --heartbeat_timeout_seconds.
+    logging.flush()
+    sys.stdout.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -108,6 +111,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every",
                "patience"):
     need(config.train[name] > 0, f"train.{name} must be positive, got {config.train[name]}")
+  need(config.train.nonfinite in ("stop", "skip"),
+       f"train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
   need(config.train.num_steps > 0 or config.train.num_epochs > 0,
        "train.num_steps or train.num_epochs must be positive")
   need(config.lsr.ridge >= 0, f"lsr.ridge must be >= 0, got {config.lsr.ridge}")
@@ -217,6 +222,10 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # Steps whose loss or gradient norm was not finite (their update is not
+  # applied), and [step, loss, grad norm] of the first of them.
+  nonfinite_steps: Any = None
+  first_nonfinite: Any = None
 
 
 def create_model(config, num_targets: int):
@@ -304,7 +313,8 @@ def create_train_state(key, regressor, relation, num_landmarks, num_targets, tx,
   def boxed_state(k):
     params, batch_stats = init_variables(k, regressor, relation, num_landmarks, num_targets)
     return TrainState.create(apply_fn=regressor.apply, params=params, batch_stats=batch_stats,
-                             tx=tx)
+                             tx=tx, nonfinite_steps=jnp.zeros((), jnp.int32),
+                             first_nonfinite=jnp.array([-1.0, 0.0, 0.0], jnp.float32))
 
   if mesh is None:
     mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 1, "model": 1}),
@@ -397,9 +407,24 @@ def _mtl_loss_and_gradients(state, batch, *, regressor, relation, config, dropou
 
 
 def train_step(state: TrainState, batch, **kw):
-  """One optimizer update: (state, batch) -> (state, metrics)."""
+  """One optimizer update: (state, batch) -> (state, metrics).
+
+  A step whose loss or gradient norm is not finite leaves parameters, optimizer
+  and batch statistics as they were and is recorded in the state; the loop
+  stops on it (or, with train.nonfinite='skip', counts it) without a host sync
+  per step.
+  """
   grads, batch_stats, step_metrics = loss_and_gradients(state, batch, **kw)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), step_metrics
+  finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  kept = state.replace(step=updated.step)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+  first = jnp.where((state.first_nonfinite[0] < 0) & ~finite,
+                    jnp.stack([state.step.astype(jnp.float32), step_metrics["loss"],
+                               step_metrics["grad_norm"]]), state.first_nonfinite)
+  new_state = new_state.replace(
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32), first_nonfinite=first)
+  return new_state, step_metrics
 
 
 def eval_stats_step(variables, stats, batch, *, regressor):
@@ -429,6 +454,53 @@ class _Throughput:
     elapsed = now - self.start - self.paused
     self.start, self.paused = now, 0.0
     return elapsed
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or gradient norm."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM (the preemption signal) arrived; a checkpoint was saved first."""
+
+
+class _PreemptionSignal:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested, self.signal_name = False, ""
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+# What a checkpoint's shapes and meaning depend on; a workdir is refused to a
+# config that differs in any of these.
+_FINGERPRINT_FIELDS = ("method", "model", "lsmtl.bottleneck", "lsmtl.negative_slope",
+                       "optim.name", "optim.grad_clip_norm", "mesh.target_multiple",
+                       "data.path", "data.synthetic", "seed")
+
+
+def config_fingerprint(config, num_padded: int) -> dict[str, Any]:
+  out = {"num_padded_targets": num_padded, "relation": config.lsmtl.lam > 0}
+  for field in _FINGERPRINT_FIELDS:
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    out[field] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return json.loads(json.dumps(out))
+
+
+def _check_same_config(workdir: str, record: dict | None, fingerprint: dict) -> None:
+  saved = (record or {}).get("fingerprint")
+  if saved is None or saved == fingerprint:
+    return
+  diffs = [f"{k}: {saved.get(k)!r} there, {fingerprint.get(k)!r} now"
+           for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+  raise ConfigError(f"{workdir}: holds checkpoints of a different config ({'; '.join(diffs)}); "
+                    "use a new --workdir or the config it was started with")
 
 
 def _is_writer() -> bool:
@@ -472,9 +544,11 @@ def _train_network(config, workdir: str, data: "Data") -> dict[str, Any]:
                num_padded)
 
   ckpts = Checkpoints(workdir)
+  fingerprint = config_fingerprint(config, num_padded)
   loop = {"step": 0, "best_val_mae": math.inf, "best_step": -1, "evals_since_best": 0,
           "stopped_early": False, "train_seconds": 0.0, "timed_examples": 0,
-          "timed_seconds": 0.0}
+          "timed_seconds": 0.0, "fingerprint": fingerprint}
+  _check_same_config(workdir, ckpts.latest_record(), fingerprint)
   restored = ckpts.restore_latest(state)
   if restored is not None:
     state, loop = restored
@@ -493,12 +567,12 @@ def _train_network(config, workdir: str, data: "Data") -> dict[str, Any]:
                        out_shardings=stats_sharding, donate_argnums=1)
   init_stats = jax.jit(lambda: metrics.zeros(num_padded), out_shardings=stats_sharding)
 
-  def evaluate(split: str, variables):
+  def evaluate(split: str, variables, with_gene_stats=False):
     eval_set = data.eval_sets[split]
-    summary, _ = evaluation.evaluate(
+    summary, gene_stats = evaluation.evaluate(
         eval_set.dataset, eval_set.indices, config.train.eval_batch_size,
         functools.partial(stats_step, variables), init_stats, placement, config.data.prefetch)
-    return summary
+    return (summary, gene_stats) if with_gene_stats else summary
 
   flops = perf.train_flops_per_example(config.model, num_l, num_t,
                                        config.lsmtl.bottleneck if relation else 0)
@@ -510,107 +584,116 @@ def _train_network(config, workdir: str, data: "Data") -> dict[str, Any]:
   session_start = time.perf_counter()
   train_seconds_before = loop["train_seconds"]
 
+  def check_finite(step):
+    """Stops before a save would record a run that went non-finite."""
+    count = int(placement.fetch(state.nonfinite_steps))
+    if count and config.train.nonfinite == "stop":
+      bad_step, loss, grad_norm = placement.fetch(state.first_nonfinite).tolist()
+      what = (f"training loss is {loss}" if not math.isfinite(loss)
+              else f"gradient norm is {grad_norm}")
+      raise NonFiniteError(
+          f"step {int(bad_step) + 1}: {what}; stopped, the latest checkpoint in "
+          f"{workdir}/checkpoints/latest is the last good one (train.nonfinite='skip' skips "
+          "such steps instead)")
+    if count > loop.get("nonfinite_steps", 0):
+      logging.warning("Skipped %d non-finite steps so far (first at step %d)", count,
+                      int(placement.fetch(state.first_nonfinite)[0]) + 1)
+    loop["nonfinite_steps"] = count
+
   def save_latest(step):
+    check_finite(step)
     loop["step"] = step
     loop["train_seconds"] = train_seconds_before + time.perf_counter() - session_start
     ckpts.save_latest(step, state, loop)
 
   start_step = int(loop["step"])
-  if start_step < num_steps and not loop["stopped_early"]:
-    batch_size = config.train.batch_size
-    batches = loader.train_batches(dataset, order, start_step, num_steps, config.data.prefetch,
-                                   placement.local_rows(batch_size))
-    timer, window, window_steps, first_window = _Throughput(), None, 0, True
-    for step in range(start_step, num_steps):
-      state, step_metrics = step_fn(state, placement.put(next(batches), batch_size))
-      window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
-      window_steps += 1
-      done = step + 1
+  preemption = _PreemptionSignal()
+  try:
+    if start_step < num_steps and not loop["stopped_early"]:
+      batch_size = config.train.batch_size
+      batches = loader.train_batches(dataset, order, start_step, num_steps, config.data.prefetch,
+                                     placement.local_rows(batch_size))
+      timer, window, window_steps, first_window = _Throughput(), None, 0, True
+      for step in range(start_step, num_steps):
+        state, step_metrics = step_fn(state, placement.put(next(batches), batch_size))
+        window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+        window_steps += 1
+        done = step + 1
 
-      if done % config.train.log_every == 0 or done == num_steps:
-        means = {k: float(v) / window_steps for k, v in placement.fetch(window).items()}
-        seconds = timer.lap()
-        rate = window_steps * batch_size / seconds
-        if not first_window:  # the first window holds the compilation
-          loop["timed_examples"] += window_steps * batch_size
-          loop["timed_seconds"] += seconds
-        first_window = False
-        eta = (num_steps - done) * seconds / window_steps
-        logging.info("step %d/%d loss %.5f (task %.5f rec %.5f) | %.0f examples/s, "
-                     "MFU %.1f%% | ETA %.0fs", done, num_steps, means["loss"],
-                     means["task_loss"], means["rec_loss"], rate, 100 * rate * flops / peak, eta)
-        if not math.isfinite(means["loss"]):
-          raise FloatingPointError(f"step {done}: training loss is {means['loss']}")
-        if writer:
-          for k, v in means.items():
-            writer.add_scalar(f"train/{k}", v, done)
-          writer.add_scalar("train/examples_per_sec", rate, done)
-          writer.add_scalar("train/mfu", rate * flops / peak, done)
-        window, window_steps = None, 0
+        if done % config.train.log_every == 0 or done == num_steps:
+          means = {k: float(v) / window_steps for k, v in placement.fetch(window).items()}
+          seconds = timer.lap()
+          rate = window_steps * batch_size / seconds
+          if not first_window:  # the first window holds the compilation
+            loop["timed_examples"] += window_steps * batch_size
+            loop["timed_seconds"] += seconds
+          first_window = False
+          eta = (num_steps - done) * seconds / window_steps
+          logging.info("step %d/%d loss %.5f (task %.5f rec %.5f) | %.0f examples/s, "
+                       "MFU %.1f%% | ETA %.0fs", done, num_steps, means["loss"],
+                       means["task_loss"], means["rec_loss"], rate, 100 * rate * flops / peak, eta)
+          check_finite(done)
+          if writer:
+            for k, v in means.items():
+              writer.add_scalar(f"train/{k}", v, done)
+            writer.add_scalar("train/examples_per_sec", rate, done)
+            writer.add_scalar("train/mfu", rate * flops / peak, done)
+          window, window_steps = None, 0
 
-      pause_start = time.perf_counter()
-      if done % config.train.eval_every == 0 or done == num_steps:
-        val = evaluate("val", _variables_of(state))
-        improved = val["mae_mean"] < loop["best_val_mae"]
-        if improved:
-          loop.update(best_val_mae=val["mae_mean"], best_step=done, evals_since_best=0)
-          ckpts.save_best(done, _variables_of(state), {"step": done, "val": val})
-        else:
-          loop["evals_since_best"] += 1
-        logging.info("step %d val MAE %.5f CC %.5f%s", done, val["mae_mean"], val["cc_mean"],
-                     " (best)" if improved else "")
-        if writer:
-          writer.add_scalar("val/mae", val["mae_mean"], done)
-          writer.add_scalar("val/cc", val["cc_mean"], done)
-        if loop["evals_since_best"] >= config.train.patience:
-          loop["stopped_early"] = True
-          logging.info("Early stop at step %d: no better val MAE in %d evaluations", done,
-                       config.train.patience)
-      if (done % config.train.checkpoint_every == 0 or done == num_steps
-          or loop["stopped_early"]):
-        save_latest(done)
-      timer.pause(time.perf_counter() - pause_start)
-      if loop["stopped_early"]:
-        break
+        pause_start = time.perf_counter()
+        if done % config.train.eval_every == 0 or done == num_steps:
+          val = evaluate("val", _variables_of(state))
+          improved = math.isfinite(val["mae_mean"]) and val["mae_mean"] < loop["best_val_mae"]
+          if improved:
+            loop.update(best_val_mae=val["mae_mean"], best_step=done, evals_since_best=0)
+            ckpts.save_best(done, _variables_of(state), {"step": done, "val": val})
+          else:
+            loop["evals_since_best"] += 1
+          logging.info("step %d val MAE %.5f CC %.5f%s", done, val["mae_mean"], val["cc_mean"],
+                       " (best)" if improved else "")
+          if writer:
+            writer.add_scalar("val/mae", val["mae_mean"], done)
+            writer.add_scalar("val/cc", val["cc_mean"], done)
+          if loop["evals_since_best"] >= config.train.patience:
+            loop["stopped_early"] = True
+            logging.info("Early stop at step %d: no better val MAE in %d evaluations", done,
+                         config.train.patience)
+        if (done % config.train.checkpoint_every == 0 or done == num_steps
+            or loop["stopped_early"]):
+          save_latest(done)
+        timer.pause(time.perf_counter() - pause_start)
+        if loop["stopped_early"]:
+          break
+        if preemption.requested and done < num_steps:
+          if loop["step"] != done:
+            save_latest(done)
+          ckpts.close()
+          raise Preempted(f"stopped by {preemption.signal_name} after step {done}; checkpoint "
+                          f"saved in {workdir}; run the same command again to resume")
+  except BaseException:
+    ckpts.wait()  # saves already under way hold good states: let them land
+    raise
 
+  if loop["best_step"] < 0:  # no finite validation MAE: the final state stands in
+    ckpts.save_best(int(loop["step"]), _variables_of(state),
+                    {"step": int(loop["step"]), "val": None})
   best = ckpts.restore_best(_variables_of(state))
   best_variables = best[0] if best is not None else _variables_of(state)
-  splits = {name: evaluate(name, best_variables) for name in ("val", "test")}
+  final = {name: evaluate(name, best_variables, True) for name in ("val", "test")}
+  splits = {name: summary for name, (summary, _) in final.items()}
+  gene_stats = {name: stats for name, (_, stats) in final.items()}
   ckpts.close()
   if writer:
     writer.close()
   rate = loop["timed_examples"] / loop["timed_seconds"] if loop["timed_seconds"] else 0.0
   return {"steps": int(loop["step"]), "train_seconds": loop["train_seconds"],
           "examples_per_sec": rate, "splits": splits, "state": state,
+          "gene_stats": gene_stats,
           "extra": {"best_step": loop["best_step"], "stopped_early": loop["stopped_early"],
+                    "nonfinite_steps": int(loop.get("nonfinite_steps", 0)),
                     "flops_per_example": flops, "mfu": rate * flops / peak,
                     "matmul_peak_flops": peak, "num_parameters": num_params,
                     "mesh": dict(mesh.shape), "padded_targets": num_padded}}
-
-
-def _fit_lsr(config, data: "Data") -> dict[str, Any]:
-  dataset = data.train
-  start = time.perf_counter()
-  weights, bias = linear.fit(dataset, config.data.train_split, config.train.eval_batch_size,
-                             config.lsr.ridge, config.data.prefetch)
-  seconds = time.perf_counter() - start
-  mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
-  placement = parallel.Placement(mesh)
-  w, b = jax.device_put((jnp.asarray(weights, jnp.float32), jnp.asarray(bias, jnp.float32)),
-                        parallel.replicated(mesh))
-  stats_step = jax.jit(lambda stats, batch: metrics.accumulate(
-      stats, batch["y"], batch["x"] @ w + b, batch["weight"]), donate_argnums=0)
-  init_stats = jax.jit(lambda: metrics.zeros(dataset.num_targets),
-                       out_shardings=parallel.replicated(mesh))
-  eval_batch = math.lcm(config.train.eval_batch_size, mesh.shape["data"])
-  splits = {}
-  for name, eval_set in data.eval_sets.items():
-    splits[name], _ = evaluation.evaluate(eval_set.dataset, eval_set.indices, eval_batch,
-                                          stats_step, init_stats, placement,
-                                          config.data.prefetch)
-  n_train = len(dataset.split(config.data.train_split))
-  return {"steps": 1, "train_seconds": seconds, "examples_per_sec": n_train / seconds,
-          "splits": splits, "extra": {"num_parameters": int(w.size + b.size)}}
 
 
 def _evaluate_linear(config, data: "Data", weights, bias):
@@ -754,7 +837,11 @@ def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
     _write_genes_mae(config, workdir, gene_stats)
   if state is not None:
     results["state"] = state
-    if config.report and _is_writer():
+    if config.report and jax.process_count() > 1:
+      # Restoring for the report takes every process; run it afterwards instead.
+      logging.info("Write the per-gene report with: python -m lsmtl_jax.report --workdir=%s",
+                   workdir)
+    elif config.report:
       from lsmtl_jax import inference, report  # pylint: disable=g-import-not-at-top  (cycle)
       path = report.write_report(workdir, inference.load_run(workdir, jax.local_devices()))
       logging.info("Per-gene report: %s", os.path.join(path, "report.html"))

@@ -148,8 +148,10 @@ def device_memory_bytes(config) -> int:
   """memory.limit_gb if set, else the accelerator's limit, else the host's RAM."""
   if config.memory.limit_gb > 0:
     return int(config.memory.limit_gb * 2**30)
-  device = jax.devices()[0]
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  try:  # CPU devices of a multi-process run refuse to report
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
