@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
       num_programs=24, num_modules=120, num_tissues=12, seed=0))
   config.data.cache_dir = "~/.cache/lsmtl_jax"
   config.data.prefetch = 4
+  # Read the whole training dataset into RAM once (when it fits) instead of
+  # reading each batch's rows from the store.
+  config.data.in_memory = False
   # Cross-platform setting: validate / test on other prepared datasets (whole
   # dataset splits), e.g. 1000G and GTEx mapped onto the GEO reference.
   config.data.val_path = ""

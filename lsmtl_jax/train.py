@@ -202,6 +202,8 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   data.val_path / data.test_path) the named split of another prepared dataset
   with the same genes in the same order."""
   train_ds = load_dataset(config)
+  if config.data.in_memory:
+    train_ds.load_into_memory()
   eval_sets = {}
   for name, path, split in (("val", config.data.val_path, config.data.val_split),
                             ("test", config.data.test_path, config.data.test_split)):

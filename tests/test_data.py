@@ -137,3 +137,28 @@ def test_lsr_matches_numpy_lstsq(tiny_dataset):
   # Ridge shrinks the weights.
   w_ridge, _ = linear.fit(tiny_dataset, "train", batch_size=50, ridge=1.0)
   assert np.linalg.norm(w_ridge) < np.linalg.norm(weights)
+
+
+def test_in_memory_reads_equal_store_reads(tiny_dataset):
+  rows = np.array([5, 250, 5, 17])
+  from_store = tiny_dataset.read_rows(rows)
+  copy = store.open_dataset(tiny_dataset.path).load_into_memory()
+  np.testing.assert_array_equal(copy.read_rows(rows), from_store)
+  order = loader.TrainOrder(copy.split("train"), 32, seed=0)
+  a = list(loader.train_batches(copy, order, 0, 3))
+  b = list(loader.train_batches(tiny_dataset, order, 0, 3))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["y"], y["y"])
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_process_shares_of_a_batch_cover_it_once(tiny_dataset, processes):
+  """Each process reads its slice of every global batch: no row twice, none missing."""
+  order = loader.TrainOrder(tiny_dataset.split("train"), 32, seed=3)
+  per = 32 // processes
+  for step in (0, 6, 7, 20):
+    shares = [np.concatenate([b["x"] for b in loader.train_batches(
+        tiny_dataset, order, step, step + 1, local=slice(p * per, (p + 1) * per))])
+              for p in range(processes)]
+    whole = next(loader.train_batches(tiny_dataset, order, step, step + 1))["x"]
+    np.testing.assert_array_equal(np.concatenate(shares), whole)

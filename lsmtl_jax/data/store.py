@@ -65,6 +65,13 @@ class Dataset:
   path: str
   meta: dict[str, Any]
   array: ts.TensorStore
+  in_memory: np.ndarray | None = None
+
+  def load_into_memory(self) -> "Dataset":
+    """Reads the whole array once; later row reads come from RAM."""
+    if self.in_memory is None:
+      self.in_memory = self.array.read().result()
+    return self
 
   @property
   def num_landmarks(self) -> int:
@@ -96,11 +103,21 @@ class Dataset:
     """Rows in the order asked for; reads go to disk in sorted order."""
     return self.read_rows_async(rows).result()
 
-  def read_rows_async(self, rows: np.ndarray) -> "_ReorderedRead":
+  def read_rows_async(self, rows: np.ndarray):
     rows = np.asarray(rows, dtype=np.int64)
+    if self.in_memory is not None:
+      return _Ready(self.in_memory[rows])
     order = np.argsort(rows, kind="stable")
     future = self.array[rows[order], :].read()
     return _ReorderedRead(future, order)
+
+
+class _Ready:
+  def __init__(self, values: np.ndarray):
+    self._values = values
+
+  def result(self) -> np.ndarray:
+    return self._values
 
 
 class _ReorderedRead:
