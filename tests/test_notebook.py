@@ -15,6 +15,7 @@ def test_colab_notebook_executes_on_four_cpu_devices(monkeypatch, tmp_path):
   monkeypatch.setenv("LSMTL_REPO", REPO)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
+  monkeypatch.setenv("LSMTL_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   nb = nbformat.read(os.path.join(REPO, "notebooks", "lsmtl_colab.ipynb"), as_version=4)
   nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
