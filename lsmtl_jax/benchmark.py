@@ -392,7 +392,7 @@ def format_report(report: dict[str, Any]) -> str:
   m = report["machine"]
   lines = [f"lsmtl_jax benchmark  (JAX {m['jax']}, backend {m['backend']}, {m['device']}, "
            f"{m['threads']} threads; float32 matmul peak measured "
-           f"{m['matmul_peak_flops'] / 1e9:.1f} GFLOP/s)",
+           f"{m['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, best of before and after)",
            "Step times: median [min-max] over repeats; ratios computed per repeat.", ""]
   for r in report["sizes"]:
     lines.append(f"== {r['label']}: {r['trunk']} {r['depth']} x {r['hidden']}, batch {r['batch']}, "
@@ -562,6 +562,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if FLAGS.suite == "issue6":
       report["loaders"].append(_geo_loader(config, report, peak))
 
+  # On a shared machine one peak measurement can land in a busy moment; MFU uses
+  # the best of the peaks measured before and after the timings (conservative).
+  peak_after = perf.measured_matmul_peak.__wrapped__()
+  best_peak = max(peak, peak_after)
+  report["machine"]["matmul_peak_flops"] = best_peak
+  report["machine"]["matmul_peak_flops_measured"] = [peak, peak_after]
+  for r in report["sizes"]:
+    r["mfu"] = r["achieved_flops"] / best_peak
   report["host_peak_rss"] = host_peak_rss()
   report["summary"] = _summary(report)
   return report
@@ -584,10 +592,10 @@ def _geo_loader(config, report, peak) -> dict[str, Any]:
     report["sizes"].append(geo_size)
     train_eps, source = geo_size["examples_per_s"], "geo config, measured"
   elif FLAGS.geo_train == "estimate":
-    mfu = report["sizes"][-1]["mfu"]
-    train_eps = mfu * peak / flops
+    achieved = report["sizes"][-1]["achieved_flops"]
+    train_eps = achieved / flops
     source = (f"geo config estimated: {flops / 1e9:.2f} GFLOP/example at the "
-              f"{report['sizes'][-1]['label']} MFU {100 * mfu:.1f} %")
+              f"{report['sizes'][-1]['label']} rate of {achieved / 1e9:.1f} GFLOP/s")
   parent = FLAGS.scratch or tempfile.gettempdir()
   path = tempfile.mkdtemp(prefix="lsmtl_bench_geo_", dir=parent)
   try:
