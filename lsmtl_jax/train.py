@@ -418,9 +418,11 @@ def train_step(state: TrainState, batch, **kw):
   """
   grads, batch_stats, step_metrics = loss_and_gradients(state, batch, **kw)
   finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
-  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  kept = state.replace(step=updated.step)
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+  # A branch, not a tree-wide select: the select made XLA copy both Adam
+  # moments every step; the taken branch updates the donated buffers in place.
+  new_state = jax.lax.cond(
+      finite, lambda s: s.apply_gradients(grads=grads, batch_stats=batch_stats),
+      lambda s: s.replace(step=s.step + 1), state)
   first = jnp.where((state.first_nonfinite[0] < 0) & ~finite,
                     jnp.stack([state.step.astype(jnp.float32), step_metrics["loss"],
                                step_metrics["grad_norm"]]), state.first_nonfinite)
