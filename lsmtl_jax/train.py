@@ -801,16 +801,11 @@ def _check_network_memory(config, data: "Data") -> dict:
 GENES_NAME = "genes_mae.npz"
 
 
-def _write_genes_mae(config, workdir: str, gene_stats: dict | None) -> None:
+def _write_genes_mae(workdir: str, gene_stats: dict) -> None:
   """WORKDIR/genes_mae.npz: per-gene MAE (standardized units) of val and test,
-  for the gene-wise comparisons of experiments.py. Network runs recompute it
-  from their best checkpoint."""
-  if gene_stats is None:
-    from lsmtl_jax import inference, report  # pylint: disable=g-import-not-at-top  (cycle)
-    genes = report.gene_metrics(inference.load_run(workdir, jax.local_devices()))
-    arrays = {f"{name}_mae": genes[name]["mae"] for name in genes}
-  else:
-    arrays = {f"{name}_mae": metrics.per_gene(stats)["mae"] for name, stats in gene_stats.items()}
+  from the final evaluation's statistics, for the gene-wise comparisons of
+  experiments.py."""
+  arrays = {f"{name}_mae": metrics.per_gene(stats)["mae"] for name, stats in gene_stats.items()}
   tmp = os.path.join(workdir, f".{GENES_NAME}.tmp-{os.getpid()}.npz")
   np.savez(tmp, **arrays)
   os.replace(tmp, os.path.join(workdir, GENES_NAME))
@@ -829,7 +824,7 @@ def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
     run = _fit_knn(config, data)
   else:
     run = _fit_linear(config, data)
-  gene_stats = run.pop("gene_stats", None)
+  gene_stats = run.pop("gene_stats")
   state = run.pop("state", None)
   extra = run.pop("extra")
   results = {"method": config.method, "config": config.to_dict(), **run, **extra}
@@ -838,7 +833,7 @@ def _run_one(config, workdir: str, data: "Data") -> dict[str, Any]:
                               steps=run["steps"], train_seconds=run["train_seconds"],
                               examples_per_sec=run["examples_per_sec"],
                               splits=run["splits"], extra=extra)
-    _write_genes_mae(config, workdir, gene_stats)
+    _write_genes_mae(workdir, gene_stats)
   if state is not None:
     results["state"] = state
     if config.report and jax.process_count() > 1:
