@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from lsmtl_jax import inference
 from lsmtl_jax import relevance
+from lsmtl_jax import results as results_lib
 from lsmtl_jax.data import store
 
 OUT_DIR = "relevance"
@@ -110,8 +109,7 @@ def interpret(workdir: str, split: str = "val", num_samples: int = 1000,
 
   l_order, t_order = relevance.cluster_order(l_labels), relevance.cluster_order(t_labels)
   final = os.path.join(workdir, OUT_DIR)
-  tmp = tempfile.mkdtemp(prefix=f"{OUT_DIR}.tmp-", dir=workdir)
-  try:
+  with results_lib.replaced_dir(final) as tmp:
     arrays = {
         "relevance_matrix": (matrix, "targets", "landmarks"),
         "sample_relevance": (samples, "samples", "landmarks"),
@@ -149,12 +147,6 @@ def interpret(workdir: str, split: str = "val", num_samples: int = 1000,
              f"(d) relevance of each landmark for each target (mean over {len(sub)} profiles)",
              f"landmarks, ordered by {n_l} groups", f"targets, ordered by {n_t} clusters",
              xbounds=lb, ybounds=_bounds(t_labels[t_order]))
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return final
 
 

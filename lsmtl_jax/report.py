@@ -22,10 +22,8 @@ from __future__ import annotations
 import glob
 import html
 import os
-import shutil
 import struct
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -282,20 +280,13 @@ def write_report(workdir: str, run: inference.Run | None = None) -> str:
   predictor = inference.Predictor(run, run.config.train.eval_batch_size)
   genes = gene_metrics(run, predictor)
   final = os.path.join(workdir, REPORT_DIR)
-  tmp = tempfile.mkdtemp(prefix=f"{REPORT_DIR}.tmp-", dir=workdir)
-  try:
+  with results_lib.replaced_dir(final) as tmp:
     write_genes_tsv(os.path.join(tmp, GENES_NAME), run, genes)
     plot_cc_histogram(os.path.join(tmp, "cc_histogram.png"), genes)
     picks = plot_scatter(os.path.join(tmp, "scatter.png"), run, predictor, genes)
     source = plot_training_curves(os.path.join(tmp, "training_curves.png"), workdir)
     with open(os.path.join(tmp, "report.html"), "w") as f:
       f.write(_html(run, genes, picks, source))
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return final
 
 

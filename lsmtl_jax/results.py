@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import shutil
+import tempfile
+from typing import Any, Iterator
 
 RESULTS_NAME = "results.json"
 
@@ -15,6 +18,22 @@ def write_json_atomic(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=2, sort_keys=False)
     f.write("\n")
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replaced_dir(final: str) -> Iterator[str]:
+  """Yields a temporary sibling of `final`; on success it replaces `final`,
+  on any error it is removed, so a half-written folder is never left there."""
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-",
+                         dir=os.path.dirname(os.path.abspath(final)))
+  try:
+    yield tmp
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def write_results(workdir: str, *, method: str, config: dict, steps: int,
