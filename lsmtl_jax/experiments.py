@@ -88,8 +88,9 @@ def plan(base: ml_collections.ConfigDict, runs: list[dict]) -> dict[str, dict]:
   for run in runs:
     overrides = dict(run.get("overrides", {}))
     name = run.get("name") or run_name(run["method"], overrides)
-    if name in out:
-      out[name]["figures"].update(run.get("figures", {}))
+    if name in out:  # one run, several points: merge each figure's coordinates
+      for figure, coords in run.get("figures", {}).items():
+        out[name]["figures"].setdefault(figure, {}).update(coords)
       continue
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = run["method"]
@@ -98,7 +99,8 @@ def plan(base: ml_collections.ConfigDict, runs: list[dict]) -> dict[str, dict]:
     for k, v in overrides.items():
       _set_dotted(config, k, v)
     out[name] = {"method": run["method"], "overrides": overrides,
-                 "figures": dict(run.get("figures", {})), "config": config}
+                 "figures": {f: dict(c) for f, c in run.get("figures", {}).items()},
+                 "config": config}
   return out
 
 

@@ -102,3 +102,32 @@ def test_runner_writes_tables_and_figures_and_resumes(tmp_path):
   assert status == {"lsr": "skipped", "knn-ks(1,3)": "done", "amtl-limit_gb1em05": "oom",
                     "deep_lsmtl": "skipped"}
   assert results.stat().st_mtime_ns == before  # not redone
+
+
+@pytest.mark.parametrize("name", ["demo_table", "paper_geo", "paper_gtex"])
+def test_shipped_experiments_plan_every_method_and_figure(name):
+  path = os.path.join(REPO, "configs", "experiments", f"{name}.py")
+  module = experiments._load_module(path)  # pylint: disable=protected-access
+  config = module.get_config()
+  planned = experiments.plan(config, module.get_runs(config))
+  table = {p["method"] for p in planned.values() if "table" in p["figures"]}
+  # Every row of SPEC.md section 3 (SemiGAN with its semi-supervised variant).
+  assert table == {"lsr", "lsr_l1", "knn", "dgex", "semigan", "semigan_semi", "go_mtl",
+                   "cnmtl", "amtl", "amtfl", "densenet", "deep_lsmtl"}
+  mtl_widths = {}
+  for p in planned.values():
+    if "fig3" in p["figures"]:
+      mtl_widths.setdefault(p["figures"]["fig3"]["width"], set()).add(p["method"])
+  # Figure 3 compares every MTL method at each trunk width.
+  assert len(mtl_widths) >= 2
+  assert all(methods == {"go_mtl", "cnmtl", "amtl", "amtfl", "deep_lsmtl"}
+             for methods in mtl_widths.values())
+  assert any("fig4" in p["figures"] for p in planned.values())
+  # Figure 5: the base run is one run but a point on every sensitivity curve.
+  curves = {}
+  for p in planned.values():
+    for param, value in p["figures"].get("fig5", {}).items():
+      curves.setdefault(param, set()).add(value)
+  assert set(curves) == {"dropout", "lambda", "mask rate", "bottleneck k"}
+  assert all(len(values) >= 3 for values in curves.values()), curves
+
