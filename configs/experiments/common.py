@@ -27,12 +27,11 @@ def table_runs(trunk: dict, widths: dict | None = None, extra: dict | None = Non
   return runs
 
 
-def mtl_runs(depth: int, widths, extra: dict | None = None, skip=()):
-  """skip: (method, width) pairs left out of the figure."""
+def mtl_runs(depth: int, widths, extra: dict | None = None):
   return [{"method": m, "overrides": {**(extra or {}).get(m, {}), "model.depth": depth,
                                       "model.hidden": w},
            "figures": {"fig3": {"width": w, "order": j}}}
-          for w in widths for j, m in enumerate(MTL) if (m, w) not in skip]
+          for w in widths for j, m in enumerate(MTL)]
 
 
 def dgex_lsmtl_runs(depths, widths, extra: dict | None = None):
