@@ -506,7 +506,7 @@ def _define_flags():
   flags.DEFINE_string("scratch", "", "Where the temporary store goes (default: system temp).")
   flags.DEFINE_enum("geo_train", "estimate", ["estimate", "measure", "off"],
                     "issue6, training examples/s at the geo config (3 x 9,000): 'measure' times "
-                    "it and lam = 0 beside it (about 16 GB of memory and 5 minutes on a 2-core "
+                    "it and lam = 0 beside it (about 20 GB of memory and 6 minutes on a 2-core "
                     "CPU), 'estimate' derives it from the 3 x 3,000 MFU and the analytic FLOPs.")
   flags.DEFINE_integer("threads", 0, "Threads for the PyTorch reference (0: every core).")
   flags.DEFINE_bool("json", False, "Print the report as JSON instead of the table.")
@@ -592,7 +592,7 @@ def _geo_loader(config, report, peak) -> dict[str, Any]:
   if FLAGS.geo_train == "measure":
     _log("timing the geo config (3 x 9,000) ...")
     # lam = 0 beside it: the regularizer's cost at the size the paper trains
-    # (two 3 x 9,000 train states, about 14 GB together).
+    # (two 3 x 9,000 train states: 19.6 GB peak RSS on a CPU).
     opts = SizeOptions(repeats=3, steps=1, warmup=1, torch="off", lam0=FLAGS.lam0)
     c = ml_collections.ConfigDict(config.to_dict())
     c.model.hidden, c.model.depth = geo_config.model.hidden, geo_config.model.depth
