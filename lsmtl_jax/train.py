@@ -312,18 +312,52 @@ def create_train_state(key, regressor, relation, num_landmarks, num_targets, tx,
   eval_shape gives the logical axes of every leaf (optimizer moments included),
   the rules map them onto the mesh, and the jitted init writes each shard in place.
   """
-  def boxed_state(k):
-    params, batch_stats = init_variables(k, regressor, relation, num_landmarks, num_targets)
-    return TrainState.create(apply_fn=regressor.apply, params=params, batch_stats=batch_stats,
-                             tx=tx, nonfinite_steps=jnp.zeros((), jnp.int32),
-                             first_nonfinite=jnp.array([-1.0, 0.0, 0.0], jnp.float32))
-
+  boxed_state = _boxed_state_fn(regressor, relation, num_landmarks, num_targets, tx)
   if mesh is None:
     mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 1, "model": 1}),
                               jax.devices()[:1])
   shardings = parallel.shardings_of(jax.eval_shape(boxed_state, key), mesh, rules)
   state = jax.jit(lambda k: nn.meta.unbox(boxed_state(k)), out_shardings=shardings)(key)
   return state, shardings
+
+
+def _boxed_state_fn(regressor, relation, num_landmarks, num_targets, tx):
+  def boxed_state(k):
+    params, batch_stats = init_variables(k, regressor, relation, num_landmarks, num_targets)
+    return TrainState.create(apply_fn=regressor.apply, params=params, batch_stats=batch_stats,
+                             tx=tx, nonfinite_steps=jnp.zeros((), jnp.int32),
+                             first_nonfinite=jnp.array([-1.0, 0.0, 0.0], jnp.float32))
+  return boxed_state
+
+
+def compiled_step_memory(config, num_landmarks: int, num_targets: int) -> dict[str, int]:
+  """Per-device bytes of one train step as XLA plans it, from shapes alone: the
+  step is lowered and compiled on abstract inputs (nothing is allocated), as
+  training would run it (sharded, state donated). 'peak' = arguments +
+  temporaries + outputs not aliased to a donated argument.
+  """
+  config = resolve_method(config)
+  mesh = parallel.make_mesh(config.mesh)
+  padded = parallel.padded_targets(num_targets, config.mesh.target_multiple,
+                                   mesh.shape["model"])
+  regressor, relation = create_model(config, padded)
+  tx = create_optimizer(config, max(config.train.num_steps, 1))
+  key = jax.random.PRNGKey(config.seed)
+  shapes = jax.eval_shape(_boxed_state_fn(regressor, relation, num_landmarks, padded, tx), key)
+  shardings = parallel.shardings_of(shapes, mesh, parallel.logical_rules(config.mesh))
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       nn.meta.unbox(shapes), shardings)
+  b = config.train.batch_size
+  batch_sharding = parallel.batch_sharding(mesh)
+  batch = {"x": jax.ShapeDtypeStruct((b, num_landmarks), jnp.float32, sharding=batch_sharding),
+           "y": jax.ShapeDtypeStruct((b, num_targets), jnp.float32, sharding=batch_sharding)}
+  step = jax.jit(functools.partial(train_step, regressor=regressor, relation=relation,
+                                   config=config, base_key=key), donate_argnums=0)
+  analysis = step.lower(state, batch).compile().memory_analysis()
+  out = {name: int(getattr(analysis, f"{name}_size_in_bytes"))
+         for name in ("argument", "output", "alias", "temp")}
+  out["peak"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -793,9 +827,14 @@ def _check_network_memory(config, data: "Data") -> dict:
   regressor, relation = create_model(config, num_padded)
   init = lambda: init_variables(jax.random.PRNGKey(0), regressor, relation, num_l,
                                 num_padded)[0]
+  try:  # compiling on shapes allocates nothing; XLA counts what the step really holds
+    planned = compiled_step_memory(config, num_l, num_t)["peak"]
+  except Exception as e:  # pylint: disable=broad-except  (a backend without the analysis)
+    logging.warning("no compiled memory plan (%s); estimating by arithmetic", e)
+    planned = None
   return mtl.check_memory(config, init, num_padded,
                           models.trunk_output_width(config.model, num_l),
-                          METHOD_NAMES[config.method])
+                          METHOD_NAMES[config.method], planned_bytes=planned)
 
 
 GENES_NAME = "genes_mae.npz"

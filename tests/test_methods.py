@@ -6,12 +6,14 @@ memory guard; and every network method trains and improves its validation MAE.""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from lsmtl_jax import models
 from lsmtl_jax import objectives
 from lsmtl_jax import train
 from lsmtl_jax.methods import defaults
@@ -246,6 +248,34 @@ def test_amtl_memory_guard_fires_when_b_cannot_fit():
     mtl.check_memory(config, init, num_t, width, "Deep-AMTL")
   config.memory.limit_gb = estimate["bytes"] / 2**30 * 1.01
   assert mtl.check_memory(config, init, num_t, width, "Deep-AMTL") == estimate
+
+
+@pytest.mark.parametrize("method", ["amtl", "deep_lsmtl", "cnmtl"])
+def test_guard_uses_xla_plan_of_the_compiled_step(method):
+  """The guard's figure is XLA's buffer plan of the real train step, compiled on
+  shapes only; checked against a count of the state it must hold."""
+  from configs import tiny
+  config = train.resolve_method(tiny.get_config())
+  config.method = method
+  config = train.resolve_method(config)
+  config.model.hidden, config.train.batch_size = 64, 64
+  num_l, num_t = 48, 1024  # a multiple of 128: no padding
+  plan = train.compiled_step_memory(config, num_l, num_t)
+  regressor, relation = train.create_model(config, num_t)
+  init = lambda: train.init_variables(jax.random.PRNGKey(0), regressor, relation, num_l, num_t)[0]
+  num_params = sum(x.size for x in jax.tree.leaves(
+      nn.meta.unbox(jax.eval_shape(init))))
+  param_bytes = 4 * num_params
+  assert plan["argument"] >= 3 * param_bytes  # parameters and two Adam moments
+  assert plan["alias"] >= 3 * param_bytes  # ... donated: updated in place
+  assert plan["peak"] >= 4 * param_bytes  # + every gradient (the global norm needs all)
+  width = models.trunk_output_width(config.model, num_l)
+  config.memory.limit_gb = plan["peak"] * 0.99 / 2**30
+  with pytest.raises(mtl.MemoryGuardError, match="out of memory"):
+    mtl.check_memory(config, init, num_t, width, method, planned_bytes=plan["peak"])
+  config.memory.limit_gb = plan["peak"] * 1.01 / 2**30
+  used = mtl.check_memory(config, init, num_t, width, method, planned_bytes=plan["peak"])
+  assert used["bytes"] == plan["peak"] and used["num_params"] == num_params
 
 
 def test_guard_stops_a_run_before_it_allocates(cache, tmp_path):
