@@ -160,8 +160,9 @@ def device_memory_bytes(config) -> int:
 def estimate_training_bytes(config, init_fn, num_targets: int, trunk_width: int) -> dict:
   """What one training step holds, by arithmetic: every parameter four times
   (value, gradient, two Adam moments) plus the method's largest transients.
-  Training prefers XLA's plan of the compiled step (train.compiled_step_memory;
-  this misses e.g. Deep-CNMTL's copies of W by ~30 %) and falls back to this.
+  Within a factor 2 of the limit, training asks XLA's plan of the compiled step
+  instead (train.compiled_step_memory; this misses e.g. Deep-CNMTL's temporaries
+  by ~30 % and counts the whole model rather than one device's share).
 
   `init_fn()` returns the boxed params; only its shapes are traced (eval_shape),
   so nothing is allocated however large the model.
