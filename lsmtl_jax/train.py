@@ -827,18 +827,17 @@ def _check_network_memory(config, data: "Data") -> dict:
   regressor, relation = create_model(config, num_padded)
   init = lambda: init_variables(jax.random.PRNGKey(0), regressor, relation, num_l,
                                 num_padded)[0]
-  width = models.trunk_output_width(config.model, num_l)
-  planned = None
-  # The arithmetic is within ~35 % of XLA's plan: only a run near the limit pays
-  # for the extra compile that gives the exact figure.
-  if 2 * mtl.estimate_training_bytes(config, init, num_padded, width)["bytes"] > \
-      mtl.device_memory_bytes(config):
+
+  def plan():
     try:  # compiling on shapes allocates nothing; XLA counts what the step really holds
-      planned = compiled_step_memory(config, num_l, num_t)["peak"]
+      return compiled_step_memory(config, num_l, num_t)["peak"]
     except Exception as e:  # pylint: disable=broad-except  (a backend without the analysis)
       logging.warning("no compiled memory plan (%s); estimating by arithmetic", e)
-  return mtl.check_memory(config, init, num_padded, width, METHOD_NAMES[config.method],
-                          planned_bytes=planned)
+      return None
+
+  return mtl.check_memory(config, init, num_padded,
+                          models.trunk_output_width(config.model, num_l),
+                          METHOD_NAMES[config.method], plan=plan)
 
 
 GENES_NAME = "genes_mae.npz"

@@ -272,9 +272,9 @@ def test_guard_uses_xla_plan_of_the_compiled_step(method):
   width = models.trunk_output_width(config.model, num_l)
   config.memory.limit_gb = plan["peak"] * 0.99 / 2**30
   with pytest.raises(mtl.MemoryGuardError, match="out of memory"):
-    mtl.check_memory(config, init, num_t, width, method, planned_bytes=plan["peak"])
+    mtl.check_memory(config, init, num_t, width, method, plan=lambda: plan["peak"])
   config.memory.limit_gb = plan["peak"] * 1.01 / 2**30
-  used = mtl.check_memory(config, init, num_t, width, method, planned_bytes=plan["peak"])
+  used = mtl.check_memory(config, init, num_t, width, method, plan=lambda: plan["peak"])
   assert used["bytes"] == plan["peak"] and used["num_params"] == num_params
 
 

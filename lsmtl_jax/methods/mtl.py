@@ -9,6 +9,7 @@ CNMTL's cluster assignments a function of the checkpointed state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 import os
 
@@ -160,9 +161,9 @@ def device_memory_bytes(config) -> int:
 def estimate_training_bytes(config, init_fn, num_targets: int, trunk_width: int) -> dict:
   """What one training step holds, by arithmetic: every parameter four times
   (value, gradient, two Adam moments) plus the method's largest transients.
-  Within a factor 2 of the limit, training asks XLA's plan of the compiled step
-  instead (train.compiled_step_memory; this misses e.g. Deep-CNMTL's temporaries
-  by ~30 % and counts the whole model rather than one device's share).
+  Near the limit check_memory asks XLA's plan of the compiled step instead
+  (train.compiled_step_memory; this misses e.g. Deep-CNMTL's temporaries by
+  ~30 % and counts the whole model rather than one device's share).
 
   `init_fn()` returns the boxed params; only its shapes are traced (eval_shape),
   so nothing is allocated however large the model.
@@ -182,14 +183,20 @@ def estimate_training_bytes(config, init_fn, num_targets: int, trunk_width: int)
 
 
 def check_memory(config, init_fn, num_targets: int, trunk_width: int, method_name: str,
-                 planned_bytes: int | None = None) -> dict:
+                 plan: Callable[[], int | None] | None = None) -> dict:
   """Raises MemoryGuardError, naming the size needed, when the estimate exceeds
-  the memory available; returns the estimate otherwise. `planned_bytes` (XLA's
-  per-device plan of the compiled step) replaces the arithmetic when given."""
+  the memory available; returns the estimate otherwise.
+
+  `plan()` gives XLA's per-device bytes of the compiled step (or None). The
+  arithmetic is within ~35 % of it, so only a run within a factor 2 of the
+  limit pays for that extra compile, and then the plan decides.
+  """
   estimate = estimate_training_bytes(config, init_fn, num_targets, trunk_width)
-  if planned_bytes is not None:
-    estimate.update(bytes=int(planned_bytes), source="compiled step")
   limit = device_memory_bytes(config)
+  if plan is not None and 2 * estimate["bytes"] > limit:
+    planned = plan()
+    if planned is not None:
+      estimate["bytes"] = int(planned)
   if estimate["bytes"] > limit:
     detail = ""
     if config.method == "amtl":
