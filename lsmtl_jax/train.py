@@ -410,8 +410,14 @@ def loss_and_gradients(state: TrainState, batch, *, regressor, relation, config,
     total = l_task + lsmtl.lam * l_rec
     return total, (updates["batch_stats"], l_task, l_rec)
 
+  return _gradients_and_metrics(loss_fn, state.params)
+
+
+def _gradients_and_metrics(loss_fn, params):
+  """loss_fn(params) -> (total, (batch_stats, task loss, second term)): the
+  gradients, new batch statistics and the step's metrics."""
   (loss, (batch_stats, l_task, l_rec)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+      loss_fn, has_aux=True)(params)
   step_metrics = {"loss": loss, "task_loss": l_task, "rec_loss": l_rec,
                   "grad_norm": optax.tree.norm(grads)}
   return grads, batch_stats, step_metrics
@@ -435,11 +441,7 @@ def _mtl_loss_and_gradients(state, batch, *, regressor, relation, config, dropou
     total, l_task, l_reg = mtl.objective(config, params, y, y_hat, updates, relation, valid, key)
     return total, (updates["batch_stats"], l_task, l_reg)
 
-  (loss, (new_stats, l_task, l_reg)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  step_metrics = {"loss": loss, "task_loss": l_task, "rec_loss": l_reg,
-                  "grad_norm": optax.tree.norm(grads)}
-  return grads, new_stats, step_metrics
+  return _gradients_and_metrics(loss_fn, state.params)
 
 
 def train_step(state: TrainState, batch, **kw):
