@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -162,3 +163,130 @@ def test_process_shares_of_a_batch_cover_it_once(tiny_dataset, processes):
               for p in range(processes)]
     whole = next(loader.train_batches(tiny_dataset, order, step, step + 1))["x"]
     np.testing.assert_array_equal(np.concatenate(shares), whole)
+
+
+# ----------------------------------------------------------------------------
+# Self-verifying datasets: a lost or damaged chunk is an error, never a fill value
+# ----------------------------------------------------------------------------
+
+
+def _small_dataset(path, num_rows=600, num_genes=7, integrity=True):
+  """Three shards (256, 256, 88 rows) of known values; row 3 is all zeros (the fill value)."""
+  values = np.random.default_rng(0).normal(size=(num_rows, num_genes)).astype(np.float32)
+  values[3] = 0.0
+  meta = {"landmarks": {"ids": ["L0", "L1"]},
+          "targets": {"ids": [f"T{i}" for i in range(num_genes - 2)]},
+          "splits": {"train": list(range(500)), "val": list(range(500, num_rows))}}
+  ds = store.write_dataset(str(path), [values[:100], values[100:333], values[333:]], num_rows,
+                           meta)
+  if not integrity:  # as written before the checksums and the manifest
+    meta_path = os.path.join(str(path), "meta.json")
+    full = json.load(open(meta_path))
+    del full["integrity"]
+    json.dump(full, open(meta_path, "w"))
+  return ds, values
+
+
+def _shard(ds, i):
+  return os.path.join(ds.path, store.ARRAY_NAME, "c", str(i), "0")
+
+
+def test_every_row_is_stored_and_read_back_exactly(tmp_path):
+  ds, values = _small_dataset(tmp_path / "d")
+  np.testing.assert_array_equal(ds.read_rows(np.arange(600)), values)
+  np.testing.assert_array_equal(ds.read_rows(np.array([3])), 0.0)  # a fill-value row: stored
+  shards = ds.meta["integrity"]["shards"]
+  assert [s["rows"] for s in shards] == [[0, 256], [256, 512], [512, 600]]
+  assert all(os.path.getsize(_shard(ds, i)) == s["bytes"] for i, s in enumerate(shards))
+
+
+def test_deleted_shard_file_is_an_error_naming_dataset_and_rows(tmp_path):
+  ds, _ = _small_dataset(tmp_path / "d")
+  os.remove(_shard(ds, 1))
+  # Opened before the damage: the read fails, naming exactly the rows it lost.
+  with pytest.raises(store.DatasetError) as e:
+    ds.read_rows(np.array([5, 300, 2, 511, 512]))
+  msg = str(e.value)
+  assert msg.startswith(f"{ds.path}: damaged dataset: 2 row(s) cannot be read (rows 300, 511)")
+  assert "\n" not in msg
+  with pytest.raises(store.DatasetError, match=r"256 row\(s\) cannot be read \(rows 256-511\)"):
+    ds.load_into_memory()
+  np.testing.assert_array_equal(ds.read_rows(np.array([0, 599])).shape, (2, 7))  # others fine
+  # Opened after it: the manifest check refuses the dataset at once.
+  with pytest.raises(store.DatasetError) as e:
+    store.open_dataset(ds.path)
+  assert str(e.value) == (f"{ds.path}: damaged dataset: rows 256-511 (shard file "
+                          f"expression.zarr/c/1/0) are missing; prepare or generate it again")
+
+
+def test_truncated_shard_file_is_an_error_naming_dataset_and_rows(tmp_path):
+  ds, _ = _small_dataset(tmp_path / "d")
+  with open(_shard(ds, 2), "r+b") as f:
+    f.truncate(3000)
+  with pytest.raises(store.DatasetError) as e:
+    ds.read_rows(np.array([520, 10]))
+  msg = str(e.value)
+  assert msg.startswith(f"{ds.path}: damaged dataset: 1 row(s) cannot be read (rows 520)")
+  assert "\n" not in msg
+  with pytest.raises(store.DatasetError, match=r"rows 512-599 .* has 3000 bytes, 6916 when "
+                                               r"written \(truncated"):
+    store.open_dataset(ds.path)
+
+
+def test_flipped_byte_is_an_error_naming_the_row(tmp_path):
+  ds, _ = _small_dataset(tmp_path / "d")
+  row_bytes = 7 * 4 + 4  # float32 values and their crc32c
+  with open(_shard(ds, 0), "r+b") as f:
+    f.seek(30 * row_bytes + 5)
+    byte = f.read(1)
+    f.seek(30 * row_bytes + 5)
+    f.write(bytes([byte[0] ^ 1]))
+  reopened = store.open_dataset(ds.path)  # same size: only the checksum can tell
+  with pytest.raises(store.DatasetError, match=r"1 row\(s\) cannot be read \(rows 30\): "
+                                               r"DATA_LOSS.*Digest mismatch"):
+    reopened.read_rows(np.arange(20, 40))
+
+
+def test_datasets_without_a_manifest_are_read_strictly(tmp_path):
+  ds, values = _small_dataset(tmp_path / "d", integrity=False)
+  ds = store.open_dataset(ds.path)
+  np.testing.assert_array_equal(ds.read_rows(np.arange(600)), values)
+  os.remove(_shard(ds, 0))
+  with pytest.raises(store.DatasetError, match=r"rows 0-255\).*is missing"):
+    store.open_dataset(ds.path).read_rows(np.arange(256))
+
+
+def test_demo_dataset_verifies_itself(tiny_dataset, tmp_path):
+  assert tiny_dataset.meta["integrity"]["shard_rows"] == store.SHARD_ROWS
+  copy = tmp_path / "tiny"
+  shutil.copytree(tiny_dataset.path, copy)
+  os.remove(os.path.join(copy, store.ARRAY_NAME, "c", "0", "0"))
+  with pytest.raises(store.DatasetError, match=r"rows 0-255 \(shard file"):
+    store.open_dataset(str(copy))
+
+
+@pytest.mark.parametrize("field, damage, needle", [
+    ("sample_ids", lambda m: m["sample_ids"].pop(), "sample_ids has 299 entries, the stored "
+                                                    "array 300 rows"),
+    ("splits", lambda m: m["splits"]["val"].append(300), "splits.val holds row 300, the stored "
+                                                         "array has 300 rows"),
+    ("splits type", lambda m: m["splits"].__setitem__("val", "all"), "splits.val is not a list"),
+    ("mean", lambda m: m["standardization"]["mean"].pop(), "standardization.mean has 63 entries "
+                                                           "for 64 genes"),
+    ("symbols", lambda m: m["targets"]["symbols"].pop(), "targets.symbols has 39 entries for 40"),
+    ("ids", lambda m: [m["targets"][k].pop() for k in ("ids", "symbols")], "name 63 genes, the stored array "
+                                                 "(expression.zarr) has 64 columns"),
+    ("no landmarks", lambda m: m.pop("landmarks"), "landmarks.ids is missing"),
+    ("reference", lambda m: m["quantile_reference"].pop(), "quantile_reference has 63 entries"),
+])
+def test_meta_that_disagrees_with_the_store_is_refused(tiny_dataset, tmp_path, field, damage,
+                                                       needle):
+  copy = tmp_path / "tiny"
+  shutil.copytree(tiny_dataset.path, copy)
+  meta = json.loads((copy / "meta.json").read_text())
+  damage(meta)
+  (copy / "meta.json").write_text(json.dumps(meta))
+  with pytest.raises(store.DatasetError) as e:
+    store.open_dataset(str(copy))
+  msg = str(e.value)
+  assert msg.startswith(f"{copy / 'meta.json'}: ") and needle in msg, msg
