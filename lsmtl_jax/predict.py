@@ -198,8 +198,8 @@ def write_gct_with_meta(path: str, values: np.ndarray, sample_ids, gene_ids, met
                          *(repr(float(v)) for v in values[:, j])]) + "\n")
 
 
-def write_table_with_meta(path: str, values, sample_ids, gene_ids, meta) -> None:
-  delimiter = "," if path.lower().endswith(".csv") else "\t"
+def write_table_with_meta(path: str, values, sample_ids, gene_ids, meta,
+                          delimiter: str = "\t") -> None:
   with open(path, "w") as f:
     f.write(delimiter.join(["id", *ROW_META_FIELDS, *sample_ids]) + "\n")
     for j, gid in enumerate(gene_ids):
@@ -239,7 +239,7 @@ def read_gctx_row_metadata(path: str) -> dict[str, np.ndarray]:
 
 def gene_metadata(run: inference.Run, imputed: np.ndarray, threshold: float,
                   predictor=None) -> dict[str, np.ndarray]:
-  val = report.validation_metrics(run, predictor)
+  val = report.validation_metrics(run)
   L, T = run.num_landmarks, run.num_targets
   nan_l = np.full(L, np.nan)
   cc = np.concatenate([nan_l, val["cc"]])
@@ -334,8 +334,11 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
         write_genes_sidecar(tmp + ".genes", gene_ids, meta)
       else:
         values = np.concatenate(list(blocks())) if n else np.zeros((0, len(gene_ids)))
-        writer = write_gct_with_meta if out_format == "gct" else write_table_with_meta
-        writer(tmp, values, matrix.sample_ids, gene_ids, meta)
+        if out_format == "gct":
+          write_gct_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta)
+        else:  # the delimiter follows the output's name, not the temporary one
+          delimiter = "," if output_path.lower().endswith(".csv") else "\t"
+          write_table_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta, delimiter)
       if out_format == "npy":
         os.replace(tmp + ".genes", output_path + ".genes.tsv")
       os.replace(tmp, output_path)

@@ -249,3 +249,21 @@ def test_a_run_without_a_model_is_refused(tmp_path):
   (tmp_path / "lsr" / "config.json").write_text(json.dumps({"method": "lsr"}))
   with pytest.raises(inference.RunError, match="method 'lsr' has no network checkpoint"):
     inference.load_run(str(tmp_path / "lsr"))
+
+
+def test_csv_output_is_comma_separated(run, val, tmp_path):
+  # The delimiter follows the output's name (it once followed the temporary
+  # file's name and wrote tabs into x.csv).
+  import csv
+  z_lm, _, ids = val
+  formats.write_gctx(str(tmp_path / "in.gctx"), _expression(run, z_lm), ids, run.landmark_ids)
+  _predict(run, tmp_path / "in.gctx", tmp_path / "out.csv")
+  _predict(run, tmp_path / "in.gctx", tmp_path / "out.tsv")
+  with open(tmp_path / "out.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["id", *predict.ROW_META_FIELDS, *ids]
+  assert len(rows) == 1 + run.num_landmarks + run.num_targets
+  assert all(len(r) == len(rows[0]) for r in rows)
+  assert "\t" not in (tmp_path / "out.csv").read_text()
+  with open(tmp_path / "out.tsv", newline="") as f:
+    assert list(csv.reader(f, delimiter="\t")) == rows
