@@ -25,7 +25,9 @@ def split_statistics(dataset: Dataset, indices: np.ndarray, batch_size: int,
   for batch in loader.eval_batches(dataset, indices, batch_size, prefetch, local):
     stats = stats_step(stats, placement.put(batch, batch_size))
   host = placement.fetch(stats)
-  return {k: np.asarray(v, np.float64)[:dataset.num_targets] for k, v in host.items()}
+  # The device sums are float32 around per-gene shifts; the host keeps plain float64 sums.
+  return metrics.unshift({k: np.asarray(v, np.float64)[:dataset.num_targets]
+                          for k, v in host.items()})
 
 
 def summarize_split(dataset: Dataset, stats: dict[str, np.ndarray]) -> dict[str, Any]:

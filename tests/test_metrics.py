@@ -85,3 +85,66 @@ def test_hand_computed_case():
   genes = metrics.per_gene(_stream(y, p, batch=4))
   np.testing.assert_allclose(genes["mae"], [1.0, 1.0])
   np.testing.assert_allclose(genes["cc"], [0.0, 2 / 3], atol=1e-7)
+
+
+def _cc_error_against_float64(y, p, batch):
+  got = metrics.per_gene(_stream(y, p, batch=batch))["cc"]
+  return np.abs(got - _lin_cc(y, p))
+
+
+def test_shifted_gene_stays_exact_in_float32_accumulation():
+  """A cross-platform shift (mean 300, sd 1 in standardized units): plain float32
+  sums lose the variance to cancellation (CC off by ~1e-2); sums around the
+  gene's reference keep it."""
+  rng = np.random.default_rng(7)
+  n = 1000
+  y = rng.normal(0, 1, (n, 3))
+  y[:, 0] += 300.0                          # the shifted gene
+  y[:, 1] = y[:, 1] * 0.01 - 40.0           # shifted and narrow: mean/sd 4000
+  p = 0.8 * y + 0.3 * rng.normal(0, 1, (n, 3)) + np.array([60.0, -8.0, 0.2])
+  p[:, 1] = y[:, 1] + 0.004 * rng.normal(0, 1, n)
+  y = y.astype(np.float32).astype(np.float64)
+  p = p.astype(np.float32).astype(np.float64)
+  for batch in (7, 64, 1000):
+    err = _cc_error_against_float64(y, p, batch)
+    assert err.max() < 1e-5, (batch, err)
+  # The same sums without the per-gene reference, as before: visibly wrong.
+  plain = metrics.zeros(3)
+  for start in range(0, n, 64):
+    b = metrics.batch_statistics(jnp.asarray(y[start:start + 64], jnp.float32),
+                                 jnp.asarray(p[start:start + 64], jnp.float32))
+    plain = {k: plain[k] + b[k] for k in metrics.STAT_NAMES}
+  assert abs(metrics.per_gene(plain)["cc"][0] - _lin_cc(y, p)[0]) > 1e-4
+
+
+def test_shifted_sums_through_affine_and_unshift():
+  rng = np.random.default_rng(3)
+  y = rng.normal(300, 1, (200, 2))
+  p = y + rng.normal(0, 0.5, (200, 2))
+  y, p = (v.astype(np.float32).astype(np.float64) for v in (y, p))
+  stats = _stream(y, p, batch=16)
+  assert np.all(stats["shift_y"] != 0)  # the first batch's mean
+  plain = metrics.unshift(stats)
+  np.testing.assert_allclose(plain["sum_y"], y.sum(0), rtol=1e-9)
+  np.testing.assert_allclose(plain["sum_yp"], (y * p).sum(0), rtol=1e-9)
+  for s in (stats, plain):
+    np.testing.assert_allclose(metrics.per_gene(s)["cc"], _lin_cc(y, p), atol=1e-5)
+  scale, offset = np.array([0.5, 2.0]), np.array([8.0, -3.0])
+  ye, pe = y * scale + offset, p * scale + offset
+  for s in (stats, plain):
+    genes = metrics.per_gene(metrics.affine(s, scale, offset))
+    np.testing.assert_allclose(genes["cc"], _lin_cc(ye, pe), atol=1e-5)
+    np.testing.assert_allclose(genes["mae"], np.abs(ye - pe).mean(0), rtol=1e-5)
+
+
+def test_accumulate_jits_and_keeps_the_first_shift():
+  import jax
+  step = jax.jit(metrics.accumulate)
+  stats = step(metrics.zeros(2), jnp.zeros((4, 2)), jnp.zeros((4, 2)), jnp.zeros(4))
+  assert float(stats["n"][0]) == 0  # all padding: no shift fixed yet
+  y = jnp.array([[10.0, 1.0], [12.0, 3.0]])
+  stats = step(stats, y, y, jnp.ones(2))
+  np.testing.assert_array_equal(stats["shift_y"], [11.0, 2.0])
+  stats = step(stats, y + 100, y, jnp.ones(2))
+  np.testing.assert_array_equal(stats["shift_y"], [11.0, 2.0])
+  assert sorted(stats) == sorted(metrics.STAT_NAMES)
