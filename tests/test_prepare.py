@@ -415,3 +415,64 @@ def test_nonfinite_impute_or_drop(tmp_path):
   assert cols[5].decode() in imputed.meta["sample_ids"]
   assert imputed.meta["preprocessing"]["nonfinite"]["count"] == 2
   assert np.isfinite(imputed.array.read().result()).all()
+
+
+def test_impute_fills_with_the_training_rows_mean_only(tmp_path):
+  """nonfinite=impute: each gene's fill is the mean of its finite *training* values.
+  Validation and test rows carry a large negative offset in that gene, so a mean over all
+  rows would fill (and rank) visibly differently."""
+  from lsmtl_jax.data import synthetic
+  n = 60
+  data, lm, tg = _case(tmp_path, n=n)
+  with h5py.File(data, "r") as f:
+    values = f["0/DATA/0/matrix"][()].astype(np.float32)
+    rows, cols = f["0/META/ROW/id"][()], f["0/META/COL/id"][()]
+  ids = [r.decode() for r in rows]
+  probes = [ids.index(p) for p in _read_map(lm)[0][2].split(",")]
+  splits = synthetic.split_indices(n, (0.8, 0.1, 0.1), 0)  # prepare's split, nothing dropped
+  train = splits["train"]
+  held_out = np.setdiff1d(np.arange(n), train)
+  for p in probes:
+    values[held_out, p] -= 40.0
+  nan_rows = [int(train[3]), int(held_out[0]), int(held_out[-1])]
+  for p in probes:
+    values[nan_rows, p] = np.nan
+  nan = str(tmp_path / "nan.gctx")
+  with h5py.File(nan, "w") as f:
+    f["0/DATA/0/matrix"], f["0/META/ROW/id"], f["0/META/COL/id"] = values, rows, cols
+  ds = prepare_lib.prepare(_config(nan, lm, tg, tmp_path / "i", nonfinite="impute",
+                                   **{"dedup.enabled": False}), log=_quiet)
+  assert ds.meta["splits"]["train"] == train.tolist()
+  assert ds.meta["preprocessing"]["nonfinite"]["imputed_with"].endswith("training rows")
+
+  # The independent float64 reference: fill, quantile-normalize on train, standardize.
+  genes, _, _ = _genes_f64(nan, [lm, tg])
+  assert np.isnan(genes[nan_rows, 0]).all()
+  fill = np.nanmean(genes[train], axis=0)
+  filled = np.where(np.isnan(genes), fill, genes)
+  reference = np.sort(filled[train], axis=1).mean(axis=0)
+  expected = _rank_map_reference(filled, reference)
+  np.testing.assert_allclose(ds.meta["quantile_reference"], reference, rtol=1e-12)
+  np.testing.assert_allclose(_expression(ds), expected, atol=2e-5)
+  np.testing.assert_allclose(ds.meta["standardization"]["mean"], expected[train].mean(0),
+                             atol=1e-9)
+  # A mean over every row would have ranked the imputed held-out values elsewhere.
+  everyone = np.where(np.isnan(genes), np.nanmean(genes, axis=0), genes)
+  assert not np.allclose(_rank_map_reference(everyone, reference)[nan_rows],
+                         expected[nan_rows], atol=1e-3)
+
+
+def test_impute_without_training_rows_is_refused(prepared, tmp_path):
+  """Another platform's evaluation set has no training rows to take a mean from."""
+  ds, _, _, _ = prepared
+  ids = ds.meta["landmarks"]["ids"] + ds.meta["targets"]["ids"]
+  values = np.exp(np.random.default_rng(2).normal(1, 1, (9, len(ids))))
+  values[2, 0] = np.nan
+  formats.write_table(str(tmp_path / "cohort.txt"), values, [f"S{i}" for i in range(9)], ids)
+  cfg = _config(str(tmp_path / "cohort.txt"), "", "", tmp_path / "t", nonfinite="impute",
+                reference_dataset=ds.path, **{"split.mode": "test", "input.format": "table",
+                                              "dedup.enabled": False})
+  with pytest.raises(PrepareError, match="split.mode=test leaves no training rows; set "
+                                         "nonfinite=drop"):
+    prepare_lib.prepare(cfg, log=_quiet)
+  assert not os.path.exists(cfg.output)

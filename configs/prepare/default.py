@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.genes.copy_targets = "drop"
 
   # NaN/Inf in the selected columns: 'error' (count and first location),
-  # 'impute' (the gene's mean over finite values), 'drop' (drop those samples).
+  # 'impute' (the gene's mean over the finite values of the training rows only),
+  # 'drop' (drop those samples).
   config.nonfinite = "error"
 
   # D-GEX duplicate removal: k-means clusters, then within a cluster drop a

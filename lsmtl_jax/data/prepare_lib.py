@@ -7,7 +7,8 @@ Steps (SPEC.md section 5, with the original's defects fixed):
    landmark (same gene id, a shared data column, or identical values) are
    reported and dropped by default.
 2. Non-finite values: an error by default (count and first location), or
-   imputed with the gene's mean, or their samples dropped.
+   imputed with the gene's mean over the training rows (never validation or
+   test), or their samples dropped.
 3. Duplicate samples: mini-batch k-means then the within-cluster distance rule
    (`dedup.py`), seeded.
 4. A seeded split (80/10/10), or the whole dataset as one split.
@@ -455,6 +456,7 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
       kmeans.update(genes[finite.all(axis=1)])
   log(f"pass 1 (validate, hash{', k-means' if kmeans else ''}): {time.time() - t0:.1f} s")
   nonfinite_report = {"count": num_bad, "policy": cfg.nonfinite}
+  imputing = False
   if num_bad or not finite_rows.all():
     _, sid, gid = first_bad
     nonfinite_report.update({"first_sample": sid, "first_column": str(gid),
@@ -464,8 +466,10 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
       raise PrepareError(f"{matrix.path}: {num_bad} NaN/Inf value(s) in the selected "
                          f"columns, {where}; set nonfinite=impute or nonfinite=drop")
     if cfg.nonfinite == "impute":
-      with np.errstate(invalid="ignore", divide="ignore"):
-        stream.impute = np.where(gcount > 0, gsum / np.maximum(gcount, 1), 0.0)
+      # Provisional fill for the duplicate search only (it compares all rows
+      # anyway); the stored values are filled with the training rows' mean below.
+      stream.impute = np.where(gcount > 0, gsum / np.maximum(gcount, 1), 0.0)
+      imputing = True
       finite_rows[:] = True
     log(f"non-finite: {num_bad} value(s) ({where}); {cfg.nonfinite}")
 
@@ -541,6 +545,10 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
   in_train = np.zeros(n, bool)
   if "train" in splits:
     in_train[rows[splits["train"]]] = True
+  if imputing:
+    stream.impute = _training_means(stream, in_train, sel, matrix.path, cfg.split.mode)
+    nonfinite_report["imputed_with"] = "per-gene mean of the finite values of the training rows"
+    log(f"non-finite values imputed with the means of {int(in_train.sum())} training rows")
 
   if reference_meta is not None:
     reference = np.asarray(reference_meta["quantile_reference"], np.float64)
@@ -635,6 +643,29 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
   log(f"done in {elapsed:.1f} s; read {stream.bytes_read / 2**20:.0f} MB "
       f"({stream.bytes_read / 2**20 / max(elapsed, 1e-9):.0f} MB/s)")
   return ds
+
+
+def _training_means(stream: GeneStream, in_train: np.ndarray, sel: Selection, path: str,
+                    split_mode: str) -> np.ndarray:
+  """Per-gene mean of the finite values of the training rows: what nonfinite=impute fills
+  in, so validation and test values never reach the training data."""
+  if not in_train.any():
+    raise PrepareError(f"{path}: nonfinite=impute fills each gene with its training rows' "
+                       f"mean, and split.mode={split_mode} leaves no training rows; set "
+                       "nonfinite=drop")
+  stream.impute = None
+  total, count = np.zeros(len(sel.genes)), np.zeros(len(sel.genes))
+  for start, _, genes in stream.blocks(in_train):
+    picked = genes[in_train[start:start + len(genes)]]
+    finite = np.isfinite(picked)
+    total += np.where(finite, picked, 0.0).sum(axis=0)
+    count += finite.sum(axis=0)
+  if not count.all():
+    gene = sel.genes[int(np.flatnonzero(count == 0)[0])]
+    raise PrepareError(f"{path}: gene {gene.symbol} ({gene.gene_id}) has no finite value in "
+                       f"the {int(in_train.sum())} training rows, so nonfinite=impute has no "
+                       f"mean to fill in; set nonfinite=drop")
+  return total / count
 
 
 def _verify(ds: store.Dataset, num_rows: int, num_genes: int) -> None:
