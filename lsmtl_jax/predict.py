@@ -187,15 +187,27 @@ def _row_meta_strings(meta: dict[str, np.ndarray], j: int) -> list[str]:
   return out
 
 
-def write_gct_with_meta(path: str, values: np.ndarray, sample_ids, gene_ids, meta) -> None:
-  """GCT 1.3: genes as rows, the per-gene fields as row-metadata columns."""
+def write_gct_with_meta(path: str, values: np.ndarray, sample_ids, gene_ids, meta,
+                        col_meta=None) -> None:
+  """GCT 1.3: genes as rows, the per-gene fields as row-metadata columns, the
+  input's per-sample fields (`col_meta`) as column-metadata rows."""
+  col_meta = col_meta or {}
   with open(path, "w") as f:
     f.write("#1.3\n")
-    f.write(f"{len(gene_ids)}\t{len(sample_ids)}\t{len(ROW_META_FIELDS)}\t0\n")
+    f.write(f"{len(gene_ids)}\t{len(sample_ids)}\t{len(ROW_META_FIELDS)}\t{len(col_meta)}\n")
     f.write("\t".join(["id", *ROW_META_FIELDS, *sample_ids]) + "\n")
+    for field, v in col_meta.items():  # CMap: 'na' fills the block under the row fields
+      f.write("\t".join([field, *(["na"] * len(ROW_META_FIELDS)),
+                         *(_gct_meta_cell(x) for x in v)]) + "\n")
     for j, gid in enumerate(gene_ids):
       f.write("\t".join([gid, *_row_meta_strings(meta, j),
                          *(repr(float(v)) for v in values[:, j])]) + "\n")
+
+
+def _gct_meta_cell(x) -> str:
+  if isinstance(x, (float, np.floating)):
+    return str(formats.MISSING) if np.isnan(x) else repr(float(x))
+  return str(x)
 
 
 def write_table_with_meta(path: str, values, sample_ids, gene_ids, meta,
@@ -214,24 +226,12 @@ def write_genes_sidecar(path: str, gene_ids, meta) -> None:
       f.write("\t".join([gid, *_row_meta_strings(meta, j)]) + "\n")
 
 
-def add_gctx_row_metadata(path: str, meta: dict[str, np.ndarray]) -> None:
-  """Per-gene fields beside /0/META/ROW/id, as cmapPy lays out row metadata."""
-  with h5py.File(path, "a") as f:
-    for field in ROW_META_FIELDS:
-      v = meta[field]
-      if field == "symbol":
-        v = np.array([s.encode() for s in v], dtype="S")
-      f.create_dataset(f"0/META/ROW/{field}", data=v)
-
-
 def read_gctx_row_metadata(path: str) -> dict[str, np.ndarray]:
-  """Every /0/META/ROW field of a GCTx (strings decoded), keyed by field name."""
-  out = {}
+  """Every /0/META/ROW field of a GCTx keyed by field name: strings decoded,
+  CMap's numeric missing value (-666) as NaN, as cmapPy parses them."""
   with h5py.File(path, "r") as f:
-    for name, node in f["0/META/ROW"].items():
-      v = node[()]
-      out[name] = (np.array([x.decode() for x in v], object) if v.dtype.kind == "S" else v)
-  return out
+    ids = np.array([x.decode() for x in f[formats.ROW_ID_NODE][()]], object)
+  return {"id": ids, **formats.read_gctx_metadata(path, formats.ROW_META_GROUP)}
 
 
 # The job.
@@ -320,8 +320,10 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     tmp = f"{output_path}.tmp-{os.getpid()}"
     try:
       if out_format == "gctx":
-        formats.write_gctx(tmp, blocks(), matrix.sample_ids, gene_ids)
-        add_gctx_row_metadata(tmp, meta)
+        formats.write_gctx(tmp, blocks(), matrix.sample_ids, gene_ids,
+                           src=os.path.basename(output_path),
+                           row_meta={field: meta[field] for field in ROW_META_FIELDS},
+                           col_meta=matrix.column_metadata())
       elif out_format == "npy":
         values = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                            shape=(n, len(gene_ids)))
@@ -335,7 +337,8 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
       else:
         values = np.concatenate(list(blocks())) if n else np.zeros((0, len(gene_ids)))
         if out_format == "gct":
-          write_gct_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta)
+          write_gct_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta,
+                              matrix.column_metadata())
         else:  # the delimiter follows the output's name, not the temporary one
           delimiter = "," if output_path.lower().endswith(".csv") else "\t"
           write_table_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta, delimiter)

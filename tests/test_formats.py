@@ -158,3 +158,86 @@ def test_text_errors(tmp_path):
   p.write_text("id\tA\tA\ng1\t1\t2\n")
   with pytest.raises(PrepareError, match="duplicate sample"):
     formats.open_matrix(str(p))
+
+
+# ----------------------------------------------------------------------------
+# Metadata for the CMap tools: numbers as numbers, -666 as missing, the real src
+# ----------------------------------------------------------------------------
+
+
+def _as_cmappy_parses(values):
+  """cmapPy 4.0.1's parse_metadata_df: every value to str, then pd.to_numeric with
+  errors='ignore' (one unparsable cell keeps the whole field as strings), then
+  -666 to NaN. Returns (numeric?, values)."""
+  cells = np.asarray(values).astype("str")
+  if any(c.lower() == "nan" for c in cells):  # observed: a float NaN field stays strings
+    return False, cells
+  try:
+    numbers = np.array([float(c) for c in cells])
+  except ValueError:
+    return False, cells
+  return True, np.where(numbers == -666, np.nan, numbers)
+
+
+def test_gctx_metadata_in_cmap_encoding(tmp_path):
+  values, samples, genes = _case(3, 4)
+  path = str(tmp_path / "out.gctx.tmp-123")  # as a caller writing to a temporary name
+  formats.write_gctx(path, values, samples, genes, src="out.gctx",
+                     row_meta={"symbol": np.array(["A", "B", "C", "D"], object),
+                               "val_cc": np.array([np.nan, np.nan, 0.900847, 0.5]),
+                               "is_landmark": np.array([True, True, False, False])},
+                     col_meta={"pert_iname": np.array(["DMSO", "x", "y"], object),
+                               "pert_dose": np.array([10.0, np.nan, 1.5]),
+                               "batch": np.array([1, 2, 3])})
+  with h5py.File(path, "r") as f:
+    assert f.attrs["src"] == "out.gctx"
+    cc = f["0/META/ROW/val_cc"]
+    assert cc.dtype == np.float64 and cc[()].tolist() == [-666, -666, 0.900847, 0.5]
+    assert f["0/META/ROW/is_landmark"].dtype.kind == "i"
+    assert f["0/META/ROW/symbol"].dtype.kind == "S"
+    assert f["0/META/COL/pert_dose"][()].tolist() == [10.0, -666, 1.5]
+    for node in ("ROW/val_cc", "ROW/is_landmark", "COL/pert_dose", "COL/batch"):
+      numeric, parsed = _as_cmappy_parses(f["0/META/" + node][()])
+      assert numeric, (node, parsed)
+    numeric, parsed = _as_cmappy_parses(f["0/META/ROW/val_cc"][()])
+    np.testing.assert_array_equal(parsed, [np.nan, np.nan, 0.900847, 0.5])
+    assert not _as_cmappy_parses(f["0/META/ROW/symbol"][()])[0]
+  # NaN stored as NaN (the old layout) is what cmapPy returned as the strings 'nan', ...
+  assert not _as_cmappy_parses(np.array([np.nan, 0.900847]))[0]
+  # ... and the readers here give NaN back for -666.
+  rows = formats.read_gctx_metadata(path, formats.ROW_META_GROUP)
+  np.testing.assert_array_equal(rows["val_cc"], [np.nan, np.nan, 0.900847, 0.5])
+  assert rows["symbol"].tolist() == ["A", "B", "C", "D"]
+  with formats.open_matrix(path, "gctx") as m:
+    cols = m.column_metadata()
+  assert sorted(cols) == ["batch", "pert_dose", "pert_iname"]
+  assert cols["pert_iname"].tolist() == ["DMSO", "x", "y"]
+  np.testing.assert_array_equal(cols["pert_dose"], [10.0, np.nan, 1.5])
+  formats.write_gctx(str(tmp_path / "plain.gctx"), values, samples, genes)
+  with h5py.File(str(tmp_path / "plain.gctx"), "r") as f:
+    assert f.attrs["src"] == "plain.gctx"
+
+
+def test_gctx_column_metadata_of_the_wrong_length_is_an_error(tmp_path):
+  values, samples, genes = _case()
+  path = str(tmp_path / "m.gctx")
+  _gctx(path, values, samples, genes)
+  with h5py.File(path, "a") as f:
+    f["0/META/COL/pert_dose"] = np.arange(3.0)
+  with formats.open_matrix(path) as m:
+    with pytest.raises(PrepareError) as e:
+      m.column_metadata()
+  assert str(e.value) == (f"{path}: /0/META/COL/pert_dose has shape (3,), expected one value "
+                          f"for each of 7 samples")
+
+
+def test_gct13_column_metadata_rows(tmp_path):
+  p = tmp_path / "cm.gct"
+  p.write_text("#1.3\n2\t3\t1\t2\nid\tdesc\tA\tB\tC\n"
+               "pert_iname\tna\tDMSO\tx\ty\npert_dose\tna\t10\t-666\t1.5\n"
+               "g1\td1\t1\t2\t3\ng2\td2\t4\t5\t6.5\n")
+  m = formats.open_matrix(str(p))
+  np.testing.assert_array_equal(m.read_rows(0, 3), [[1, 4], [2, 5], [3, 6.5]])
+  cols = m.column_metadata()
+  assert cols["pert_iname"].tolist() == ["DMSO", "x", "y"]
+  np.testing.assert_array_equal(cols["pert_dose"], [10.0, np.nan, 1.5])

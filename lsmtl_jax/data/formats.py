@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -28,7 +28,11 @@ import numpy as np
 DATA_NODE = "0/DATA/0/matrix"
 ROW_ID_NODE = "0/META/ROW/id"  # genes
 COL_ID_NODE = "0/META/COL/id"  # samples
+ROW_META_GROUP = "0/META/ROW"  # per-gene fields beside id
+COL_META_GROUP = "0/META/COL"  # per-sample fields beside id
 GCTX_VERSION = "GCTX1.0"
+# CMap's missing value for numeric metadata (cmapPy's parse turns it into NaN).
+MISSING = -666
 _VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]+\d+)\.\d+(_PAR_Y)?$")  # ENSG, ENST, ENSGR (old PAR), ENSMUSG
 
 
@@ -62,6 +66,41 @@ def _decode(ids) -> list[str]:
   return [x.decode() if isinstance(x, bytes) else str(x) for x in ids]
 
 
+def metadata_array(values, field: str, path: str) -> np.ndarray:
+  """One metadata field as CMap writes it: numbers as a numeric dataset (NaN as
+  -666, booleans as 0/1), anything else as fixed-length UTF-8 bytes. cmapPy and
+  cmapR then parse numbers as numbers, and -666 as missing."""
+  v = np.asarray(values)
+  if v.ndim != 1:
+    raise PrepareError(f"{path}: metadata field {field!r} is not one value per id")
+  if v.dtype.kind == "b":
+    return v.astype(np.int8)
+  if v.dtype.kind in "iu":
+    return v
+  if v.dtype.kind == "f":
+    return np.where(np.isnan(v), MISSING, v).astype(np.float64)
+  return np.array([x if isinstance(x, bytes) else str(x).encode() for x in v], dtype="S")
+
+
+def decode_metadata(values: np.ndarray) -> np.ndarray:
+  """A stored metadata field as read back: strings decoded, numeric -666 as NaN."""
+  v = np.asarray(values)
+  if v.dtype.kind == "f":
+    return np.where(v == MISSING, np.nan, v)
+  if v.dtype.kind in "SO":
+    return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in v], object)
+  return v
+
+
+def read_gctx_metadata(path: str, group: str) -> dict[str, np.ndarray]:
+  """Every field of /0/META/ROW or /0/META/COL but id, decoded (decode_metadata)."""
+  with h5py.File(path, "r") as f:
+    if group not in f:
+      return {}
+    return {name: decode_metadata(node[()]) for name, node in f[group].items()
+            if name != "id" and isinstance(node, h5py.Dataset)}
+
+
 class Matrix:
   """A samples x genes matrix behind a file. Subclasses implement `_read`."""
 
@@ -80,6 +119,11 @@ class Matrix:
 
   def read_rows(self, start: int, stop: int) -> np.ndarray:
     return self._read(start, stop)
+
+  def column_metadata(self) -> dict[str, np.ndarray]:
+    """Per-sample fields besides the id (GCTx /0/META/COL, GCT 1.3 column
+    metadata rows), one value per sample; empty where the format has none."""
+    return {}
 
   def close(self) -> None:
     pass
@@ -142,6 +186,23 @@ class GctxMatrix(Matrix):
       raise PrepareError(f"{self.path}: cannot read rows {start}-{stop} "
                          f"(truncated file?): {_first_line(e)}") from None
 
+  def column_metadata(self) -> dict[str, np.ndarray]:
+    out = {}
+    group = self._file.get(COL_META_GROUP)
+    for name, node in (group.items() if group is not None else ()):
+      if name == "id" or not isinstance(node, h5py.Dataset):
+        continue
+      try:
+        values = node[()]
+      except (OSError, ValueError) as e:
+        raise PrepareError(f"{self.path}: cannot read /{COL_META_GROUP}/{name}: "
+                           f"{_first_line(e)}") from None
+      if values.ndim != 1 or len(values) != self.num_samples:
+        raise PrepareError(f"{self.path}: /{COL_META_GROUP}/{name} has shape {values.shape}, "
+                           f"expected one value for each of {self.num_samples} samples")
+      out[name] = decode_metadata(values)
+    return out
+
   def close(self) -> None:
     self._file.close()
 
@@ -150,9 +211,10 @@ class ArrayMatrix(Matrix):
   """A matrix held in memory or memory-mapped (.npy)."""
 
   def __init__(self, path: str, values: np.ndarray, sample_ids: list[str],
-               gene_ids: list[str]):
+               gene_ids: list[str], column_meta: dict[str, np.ndarray] | None = None):
     self.path, self._values = path, values
     self.sample_ids, self.gene_ids = sample_ids, gene_ids
+    self._column_meta = column_meta or {}
     if values.ndim != 2 or values.shape != (len(sample_ids), len(gene_ids)):
       raise PrepareError(f"{path}: matrix shape {values.shape} does not match "
                          f"{len(sample_ids)} samples x {len(gene_ids)} genes")
@@ -161,6 +223,9 @@ class ArrayMatrix(Matrix):
 
   def _read(self, start: int, stop: int) -> np.ndarray:
     return np.asarray(self._values[start:stop], dtype=np.float32)
+
+  def column_metadata(self) -> dict[str, np.ndarray]:
+    return dict(self._column_meta)
 
 
 def _first_line(e: BaseException) -> str:
@@ -219,6 +284,13 @@ def read_gct(path: str, strip_versions: bool = False) -> ArrayMatrix:
   if len(header) != first + n_cols:
     raise PrepareError(f"{path}: line 3 has {len(header)} fields, expected {first + n_cols}")
   sample_ids = header[first:]
+  column_meta = {}
+  for k, line in enumerate(lines[3:3 + n_col_meta]):
+    cells = line.split("\t")
+    if len(cells) != first + n_cols:
+      raise PrepareError(f"{path}: line {4 + k} (column metadata) has {len(cells)} fields, "
+                         f"expected {first + n_cols}")
+    column_meta[cells[0]] = _typed(cells[first:])
   body = lines[3 + n_col_meta:]
   if len(body) != n_rows:
     raise PrepareError(f"{path}: {len(body)} data lines, header says {n_rows}")
@@ -232,7 +304,19 @@ def read_gct(path: str, strip_versions: bool = False) -> ArrayMatrix:
     gid = cells[0]
     gene_ids.append(strip_version(gid) if strip_versions else gid)
     values[i] = _parse_floats(cells[first:], path, line_no, first)
-  return ArrayMatrix(path, np.ascontiguousarray(values.T), sample_ids, gene_ids)
+  return ArrayMatrix(path, np.ascontiguousarray(values.T), sample_ids, gene_ids, column_meta)
+
+
+def _typed(cells: Sequence[str]) -> np.ndarray:
+  """A text metadata field as numbers where every cell is one (-666 and NaN
+  spellings as missing), else as strings."""
+  for kind in (int, float):
+    try:
+      v = np.array([kind(c) for c in cells])
+    except ValueError:
+      continue
+    return np.where(v == MISSING, np.nan, v) if kind is float else v
+  return np.array(list(cells), object)
 
 
 def read_table(path: str, id_column: int = 0, first_value_column: int = 1,
@@ -329,11 +413,16 @@ def open_matrix(path: str, fmt: str = "auto", *, id_column: int = 0,
 
 def write_gctx(path: str, blocks: Iterable[np.ndarray] | np.ndarray, sample_ids: Sequence[str],
                gene_ids: Sequence[str], chunk_rows: int | None = None,
-               compression: str | None = None) -> None:
+               compression: str | None = None, *, src: str | None = None,
+               row_meta: Mapping[str, Sequence] | None = None,
+               col_meta: Mapping[str, Sequence] | None = None) -> None:
   """Writes a GCTx in cmapPy's layout, block by block, to `path` via a temporary name.
 
   Chunks default to cmapPy's choice for a [samples, genes] matrix: up to 1,000
-  rows by as many columns as fit in 1 MB.
+  rows by as many columns as fit in 1 MB. `row_meta` (per gene) and `col_meta`
+  (per sample) fields go beside the ids in CMap's encoding (`metadata_array`).
+  The `src` attribute names the file: `src`, or the base name of `path`
+  (callers that write to a temporary name pass the final one).
   """
   n, g = len(sample_ids), len(gene_ids)
   if isinstance(blocks, np.ndarray):
@@ -342,15 +431,27 @@ def write_gctx(path: str, blocks: Iterable[np.ndarray] | np.ndarray, sample_ids:
     chunk = (max(1, min(n, 1000)), max(1, min(g, (1 << 18) // max(1, min(n, 1000)))))
   else:
     chunk = (max(1, min(n, chunk_rows)), g)
+  fields = []
+  for group, meta, count in ((ROW_META_GROUP, row_meta, g), (COL_META_GROUP, col_meta, n)):
+    for name, values in (meta or {}).items():
+      if name == "id" or not name or "/" in name:
+        raise ValueError(f"{path}: metadata field name {name!r} is reserved or not a name")
+      values = metadata_array(values, name, path)
+      if len(values) != count:
+        raise ValueError(f"{path}: metadata field {name!r} has {len(values)} values, "
+                         f"expected {count}")
+      fields.append((f"{group}/{name}", values))
   tmp = path + ".tmp"
   try:
     with h5py.File(tmp, "w") as f:
       f.attrs["version"] = GCTX_VERSION
-      f.attrs["src"] = os.path.basename(path)
-      data = f.create_dataset(DATA_NODE, shape=(n, g), dtype=np.float32, chunks=chunk,
-                              compression=compression)
+      f.attrs["src"] = src if src is not None else os.path.basename(path)
+      data = f.create_dataset(DATA_NODE, shape=(n, g), dtype=np.float32,
+                              chunks=chunk if n and g else None, compression=compression)
       f.create_dataset(ROW_ID_NODE, data=np.array([s.encode() for s in gene_ids], dtype="S"))
       f.create_dataset(COL_ID_NODE, data=np.array([s.encode() for s in sample_ids], dtype="S"))
+      for node, values in fields:
+        f.create_dataset(node, data=values)
       start = 0
       for block in blocks:
         block = np.asarray(block, np.float32)
