@@ -32,6 +32,21 @@ def parse_flags(argv: list[str]) -> list[str]:
       flags.FLAGS.config.get("method", None)
     return rest
   except Exception as e:  # pylint: disable=broad-except  (config files raise anything)
-    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
-    print(f"error: {message or type(e).__name__}", file=sys.stderr)
+    print(f"error: {_message(e, argv)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _message(e: Exception, argv: list[str]) -> str:
+  """One line; a misspelled --config.FIELD override (ml_collections' KeyError)
+  names the flag and the field instead of a quoted repr."""
+  if e.args and isinstance(e.args[0], KeyError):  # a nested field: AttributeError(KeyError)
+    e = e.args[0]
+  if isinstance(e, KeyError) and e.args:
+    lines = str(e.args[0]).splitlines()
+    key = lines[0].strip("'\"")
+    hint = " ".join(" ".join(lines[1:]).split())
+    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                 and key in a.split("=", 1)[0][len("--config."):].split(".")), None)
+    text = f"{flag + ': ' if flag else ''}no config field {key!r}"
+    return text + (f"; {hint[0].lower()}{hint[1:]}" if hint else "")
+  return " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()) or type(e).__name__

@@ -23,7 +23,8 @@ imputed, val_cc, val_mae (expression units), val_mae_z and well_inferred
 (a target whose validation CC >= --threshold). GCTx carries it at
 /0/META/ROW/<field>, GCT 1.3 and CSV/TSV as annotation columns, .npy in a
 sidecar OUTPUT.genes.tsv. Output is written to a temporary name and renamed, so
-a failed run leaves nothing behind.
+a failed run leaves nothing behind; the temporary of a killed run carries its pid
+(.OUTPUT.tmp-PID) and the next run of the same output removes it.
 """
 
 from __future__ import annotations
@@ -100,14 +101,17 @@ class LandmarkMapper:
     self.columns = np.array([index.get(g, -1) for g in run.landmark_ids])
     self.present = self.columns >= 0
     missing = [g for g, ok in zip(run.landmark_ids, self.present) if not ok]
+    if not self.present.any():  # --impute_missing cannot help: nothing to predict from
+      raise PredictError(
+          f"{path}: none of the run's {run.num_landmarks} landmarks is in the input: its gene "
+          f"ids look like {', '.join(gene_ids[:3]) or '(none)'}, the run's like "
+          f"{', '.join(run.landmark_ids[:3])}; give the input the training data's kind of "
+          "gene id")
     if missing and not opts.impute_missing:
       shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)"
                                          if len(missing) > 10 else "")
       raise PredictError(f"{path}: {len(missing)} of {run.num_landmarks} landmarks missing: "
                          f"{shown}; pass --impute_missing to fill them with training means")
-    if not self.present.any():
-      raise PredictError(f"{path}: none of the run's {run.num_landmarks} landmarks is in the "
-                         "input (are the gene ids of the same kind as the training data's?)")
     self.missing = missing
     self.scale, self.offset = run.landmark_scale_and_offset()
     self.reference = None
@@ -168,13 +172,45 @@ def _output_format(path: str, opts: Options, input_format: str) -> str:
   if opts.output_format != "auto":
     fmt = opts.output_format
   else:
+    if formats.compressed_suffix(path):
+      raise PredictError(f"{path}: compressed output is not written; name it .gctx, .gct, "
+                         ".csv, .tsv or .npy (and compress it afterwards)")
     try:
-      fmt = formats.detect_format(path)
+      fmt = formats.detect_format(path, "--output_format")
     except formats.PrepareError:  # a name that says nothing: write what was read
       fmt = input_format
   if fmt not in ("gctx", "gct", "table", "npy"):
     raise PredictError(f"{path}: unknown output format {fmt!r} (gctx, gct, table, npy)")
   return fmt
+
+
+def _check_output(output_path: str, input_path: str, opts: Options) -> None:
+  """The output can be written, and writing it replaces nothing it must not."""
+  out_dir = os.path.dirname(os.path.abspath(output_path))
+  if os.path.isdir(output_path):
+    raise PredictError(f"{output_path}: is a directory; name a file in it, e.g. "
+                       f"{os.path.join(output_path, 'predicted.gctx')}")
+  if os.path.lexists(output_path) and not os.path.isfile(output_path):
+    raise PredictError(f"{output_path}: exists and is not a regular file; name a new file")
+  if os.path.exists(output_path) and not opts.overwrite:
+    raise PredictError(f"{output_path}: already exists; pass --overwrite to replace it")
+  if os.path.exists(input_path) and os.path.exists(output_path) and os.path.samefile(
+      input_path, output_path):
+    raise PredictError(f"{output_path}: is the input; write the predictions to another file")
+  if not os.path.isdir(out_dir):
+    what = "is not a directory" if os.path.exists(out_dir) else "does not exist"
+    raise PredictError(f"{output_path}: directory {out_dir} {what}")
+  if not os.access(out_dir, os.W_OK | os.X_OK):
+    raise PredictError(f"{output_path}: directory {out_dir} is not writable")
+  probe = store.temp_name(output_path, ".probe")  # before any work: can a file go there?
+  try:
+    with open(probe, "wb"):
+      pass
+  except OSError as e:
+    raise PredictError(f"{output_path}: cannot write in {out_dir}: "
+                       f"{e.strerror or _first_line(e)}") from None
+  finally:
+    _remove(probe)
 
 
 def _row_meta_strings(meta: dict[str, np.ndarray], j: int) -> list[str]:
@@ -259,8 +295,15 @@ def gene_metadata(run: inference.Run, imputed: np.ndarray, threshold: float,
 
 
 def _remove(path: str) -> None:
-  if os.path.exists(path):
+  try:
     os.remove(path)
+  except OSError:
+    pass
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
 
 
 def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
@@ -274,19 +317,21 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     raise PredictError(f"--output_units must be one of {UNITS}, got {opts.output_units!r}")
   if opts.block_rows <= 0 or opts.batch_size <= 0:
     raise PredictError("--block_rows and --batch_size must be positive")
-  if os.path.exists(output_path) and not opts.overwrite:
-    raise PredictError(f"{output_path}: already exists; pass --overwrite to replace it")
+  if not -1.0 <= opts.threshold <= 1.0:
+    raise PredictError(f"--threshold is a validation CC, in [-1, 1]; got {opts.threshold:g}")
+  if not output_path:
+    raise PredictError("--output is empty; name the file to write")
   input_format = opts.input_format if opts.input_format != "auto" else (
-      formats.detect_format(input_path))
+      formats.detect_format(input_path, "--input_format"))
+  _check_output(output_path, input_path, opts)
   out_format = _output_format(output_path, opts, input_format)
-  out_dir = os.path.dirname(os.path.abspath(output_path))
-  if not os.path.isdir(out_dir):
-    raise PredictError(f"{output_path}: directory {out_dir} does not exist")
 
   run = inference.load_run(workdir)
   matrix = formats.open_matrix(input_path, input_format, gene_ids=opts.gene_ids,
                                sample_ids=opts.sample_ids)
   with matrix:
+    if matrix.num_samples == 0:
+      raise PredictError(f"{input_path}: no profiles (0 samples); nothing to predict")
     mapper = LandmarkMapper(run, matrix.gene_ids, input_path, opts)
     if mapper.missing:
       log(f"{input_path}: imputing {len(mapper.missing)} missing landmark(s) with the "
@@ -317,11 +362,12 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
           y = y * tg_scale + tg_offset
         yield np.concatenate([lm, y], axis=1).astype(np.float32)
 
-    tmp = f"{output_path}.tmp-{os.getpid()}"
+    # A temporary left by a killed run of the same output goes; ours carries our pid.
+    store.remove_abandoned(output_path)
+    tmp = store.temp_name(output_path)
     try:
-      if out_format == "gctx":
-        formats.write_gctx(tmp, blocks(), matrix.sample_ids, gene_ids,
-                           src=os.path.basename(output_path),
+      if out_format == "gctx":  # write_gctx writes under the same temporary name itself
+        formats.write_gctx(output_path, blocks(), matrix.sample_ids, gene_ids,
                            row_meta={field: meta[field] for field in ROW_META_FIELDS},
                            col_meta=matrix.column_metadata())
       elif out_format == "npy":
@@ -344,10 +390,13 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
           write_table_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta, delimiter)
       if out_format == "npy":
         os.replace(tmp + ".genes", output_path + ".genes.tsv")
-      os.replace(tmp, output_path)
-    except BaseException:
+      if out_format != "gctx":
+        os.replace(tmp, output_path)
+    except BaseException as e:
       _remove(tmp)
       _remove(tmp + ".genes")
+      if isinstance(e, OSError):
+        raise PredictError(f"{output_path}: cannot write: {e.strerror or _first_line(e)}") from None
       raise
   well = int(meta["well_inferred"].sum())
   return {"profiles": n, "genes": len(gene_ids), "landmarks": run.num_landmarks,
@@ -404,4 +453,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("sample_ids", "", "For .npy input: sample ids, one per line.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
   flags.mark_flags_as_required(["workdir", "input", "output"])
-  app.run(main)
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)

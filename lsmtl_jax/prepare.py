@@ -1,8 +1,10 @@
 """Entry point: python -m lsmtl_jax.prepare --config=configs/prepare/geo.py --config.output=DIR ...
 
 Turns an expression matrix (GCTx, GCT, tab/CSV, .npy) into a training dataset
-(lsmtl_jax/data/prepare_lib.py describes the steps). Bad input stops it with
-one line `error: <file>: <problem>` and exit code 2, leaving no output behind.
+(lsmtl_jax/data/prepare_lib.py describes the steps). Bad input, a bad flag or a
+misspelled --config override stops it with one line `error: <file or field>:
+<problem>` and exit code 2, leaving no output behind (a killed run's temporary
+`.OUTPUT.tmp-PID...` folder is removed by the next run of the same output).
 """
 
 import sys
@@ -12,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lsmtl_jax import cli
 from lsmtl_jax.data import prepare_lib
 from lsmtl_jax.data.store import DatasetError
 
@@ -22,7 +25,9 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected arguments {argv[1:]} (every option is a --config.FIELD=VALUE "
+          "flag)", file=sys.stderr)
+    sys.exit(2)
   try:
     ds = prepare_lib.prepare(_CONFIG.value, log=logging.info)
   except (prepare_lib.PrepareError, DatasetError) as e:
@@ -34,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

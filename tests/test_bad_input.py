@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -196,3 +197,352 @@ def test_predict_errors(env, tmp_path):
       assert not os.path.exists(tmp_path / f"{out_name}{i}.gctx")
   assert _checksums(watched) == before
   assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+# ----------------------------------------------------------------------------
+# predict and prepare by class of bad input, table-driven. Every case: exit 2,
+# exactly one `error:` line holding the needle, every input's sha256 unchanged,
+# no output and no temporary left.
+# ----------------------------------------------------------------------------
+
+CLASSES = ("empty input", "odd output", "damaged dataset", "bad flag", "bad field value")
+
+
+def _temps(*dirs):
+  return [os.path.join(d, p) for d in dirs if os.path.isdir(d) for p in os.listdir(d)
+          if ".tmp" in p]
+
+
+def _check_refused(module, args, needle, watched, out_dirs, outputs):
+  before = _checksums(watched)
+  existed = {o: os.path.lexists(o) for o in outputs}
+  proc = _run(module, *args)
+  _assert_refused(proc, needle)
+  assert _checksums(watched) == before
+  for o in outputs:
+    assert os.path.lexists(o) == existed[o], o  # nothing new at the output
+  assert not _temps(*out_dirs), _temps(*out_dirs)
+  return proc
+
+
+def _unwritable_dir(root):
+  """A folder no file can be created in: read-only for a user, /proc for root."""
+  if os.geteuid() == 0:
+    return "/proc", "cannot write in /proc"
+  d = root / "readonly"
+  d.mkdir()
+  d.chmod(0o500)
+  return str(d), "is not writable"
+
+
+def _dead_pid():
+  proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  return int(proc.stdout)
+
+
+def _gzip(src, dst):
+  import gzip
+  with open(src, "rb") as f, gzip.open(dst, "wb") as g:
+    g.write(f.read())
+
+
+def _damaged_copies(dataset_dir, root):
+  """name -> (damaged copy of a dataset, text its error must hold)."""
+  out = {}
+  def copy(name):
+    d = root / name
+    shutil.copytree(dataset_dir, d)
+    return d
+  d = copy("meta_lists")
+  meta = json.loads((d / "meta.json").read_text())
+  meta["sample_ids"].pop()
+  (d / "meta.json").write_text(json.dumps(meta))
+  out["meta lists"] = (d, f"sample_ids has {len(meta['sample_ids'])} entries")
+  d = copy("meta_json")
+  (d / "meta.json").write_text((d / "meta.json").read_text()[:-40])
+  out["meta not json"] = (d, "not valid JSON")
+  d = copy("lost_shard")
+  os.remove(d / store.ARRAY_NAME / "c" / "0" / "0")
+  last = min(store.open_dataset(str(dataset_dir)).num_samples, store.SHARD_ROWS) - 1
+  out["lost shard"] = (d, f"damaged dataset: rows 0-{last} (shard file "
+                          "expression.zarr/c/0/0) are missing")
+  d = copy("truncated_shard")
+  with open(d / store.ARRAY_NAME / "c" / "0" / "0", "r+b") as f:
+    f.truncate(1000)
+  out["truncated shard"] = (d, "the file has 1000 bytes")
+  return out
+
+
+def _predict_cases(env, root):
+  """{class: [(name, args, needle)]}, outputs under root/'out'."""
+  ds = store.open_dataset(env["dataset"])
+  lm_ids = ds.meta["landmarks"]["ids"]
+  out = root / "out"
+  out.mkdir()
+  run = [f"--workdir={env['run']}"]
+  land = f"--input={env['landmarks']}"
+  cases = {c: [] for c in CLASSES}
+
+  def add(cls, name, args, needle):
+    cases[cls].append((name, args, needle))
+
+  # Empty input.
+  empty_gctx = root / "empty.gctx"
+  formats.write_gctx(str(empty_gctx), np.zeros((0, len(lm_ids))), [], lm_ids)
+  add("empty input", "gctx of 0 profiles", run + [f"--input={empty_gctx}"],
+      f"{empty_gctx}: no profiles (0 samples)")
+  empty_gct = root / "empty.gct"
+  empty_gct.write_text(f"#1.3\n{len(lm_ids)}\t0\t0\t0\nid\n" + "\n".join(lm_ids) + "\n")
+  add("empty input", "gct of 0 profiles", run + [f"--input={empty_gct}"],
+      f"{empty_gct}: no profiles (0 samples)")
+  empty_npy = root / "empty.npy"
+  np.save(empty_npy, np.zeros((0, len(lm_ids)), np.float32))
+  (root / "lm_ids.txt").write_text("\n".join(lm_ids) + "\n")
+  add("empty input", "npy of 0 profiles",
+      run + [f"--input={empty_npy}", f"--gene_ids={root / 'lm_ids.txt'}"],
+      f"{empty_npy}: no profiles (0 samples)")
+  no_genes = root / "no_genes.csv"
+  no_genes.write_text("id,S0,S1\n")
+  add("empty input", "csv without genes", run + [f"--input={no_genes}"],
+      f"{no_genes}: no data lines")
+  zero = root / "zero_bytes.gctx"
+  zero.write_bytes(b"")
+  add("empty input", "0-byte file", run + [f"--input={zero}"], "not a readable HDF5")
+
+  # Unwritable or odd output.
+  a_dir = out / "a_dir.gctx"
+  a_dir.mkdir()
+  add("odd output", "a directory", run + [land, f"--output={a_dir}"], "is a directory")
+  add("odd output", "a directory, --overwrite", run + [land, f"--output={a_dir}",
+                                                      "--overwrite"], "is a directory")
+  fifo = out / "fifo.gctx"
+  os.mkfifo(fifo)
+  add("odd output", "not a regular file", run + [land, f"--output={fifo}", "--overwrite"],
+      "exists and is not a regular file")
+  a_file = out / "a_file.txt"
+  a_file.write_text("keep me")
+  add("odd output", "under a file", run + [land, f"--output={a_file / 'p.gctx'}"],
+      "is not a directory")
+  add("odd output", "missing folder", run + [land, f"--output={out / 'nope' / 'p.gctx'}"],
+      "does not exist")
+  add("odd output", "compressed name", run + [land, f"--output={out / 'p.gct.gz'}"],
+      "compressed output is not written")
+  add("odd output", "exists", run + [land, f"--output={a_file}"],
+      "already exists; pass --overwrite")
+  add("odd output", "the input itself", run + [land, f"--output={env['landmarks']}",
+                                               "--overwrite"], "is the input")
+  ro, ro_needle = _unwritable_dir(root)
+  add("odd output", "unwritable folder", run + [land, f"--output={ro}/p.gctx"], ro_needle)
+
+  # The run's dataset damaged: a copy of the run pointed at a damaged copy of its cache.
+  for i, (name, (damaged, needle)) in enumerate(_damaged_copies(env["dataset"], root).items()):
+    cache = root / f"cache{i}"
+    cache.mkdir()
+    os.rename(damaged, cache / os.path.basename(env["dataset"]))
+    workdir = root / f"run{i}"
+    shutil.copytree(env["run"], workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["data"]["cache_dir"] == env["cache"]
+    config["data"]["cache_dir"] = str(cache)
+    (workdir / "config.json").write_text(json.dumps(config))
+    add("damaged dataset", name, [f"--workdir={workdir}", land], needle)
+
+  # Flags.
+  add("bad flag", "unknown", run + [land, "--bogus"], "Unknown command line flag 'bogus'")
+  add("bad flag", "enum", run + [land, "--input_units=raw"], "--input_units=raw")
+  add("bad flag", "not a number", run + [land, "--batch_size=many"], "--batch_size=many")
+  add("bad flag", "required", run, "--input")
+  add("bad flag", "stray argument", run + [land, "extra"], "unexpected arguments")
+
+  # Values.
+  add("bad field value", "threshold", run + [land, "--threshold=2"],
+      "--threshold is a validation CC, in [-1, 1]")
+  add("bad field value", "block rows", run + [land, "--block_rows=0"],
+      "--block_rows and --batch_size must be positive")
+  add("bad field value", "output format", run + [land, "--output_format=xls"],
+      "unknown output format 'xls'")
+  add("bad field value", "input format", run + [land, "--input_format=xml"],
+      "unknown format 'xml'")
+  unknown = root / "profiles.xyz"
+  unknown.write_text("1 2 3\n")
+  add("bad field value", "unknown extension", run + [f"--input={unknown}"],
+      "cannot tell the format from the name (.gctx/.h5, .gct, .csv/.tsv/.txt or .npy); "
+      "set --input_format")
+  gz = root / "profiles.gct.gz"
+  gct = root / "profiles.gct"
+  with formats.open_matrix(env["landmarks"]) as m:
+    formats.write_gct(str(gct), m.read_rows(0, m.num_samples), m.sample_ids, m.gene_ids)
+  _gzip(gct, gz)
+  add("bad field value", ".gct.gz input", run + [f"--input={gz}"],
+      f"{gz}: a compressed (.gz) file; decompress it first")
+  add("bad field value", ".gz named .gct", run + [f"--input={gz}", "--input_format=gct"],
+      "a compressed file; decompress it first")
+  other_ids = root / "other_ids.gctx"
+  with formats.open_matrix(env["landmarks"]) as m:
+    formats.write_gctx(str(other_ids), m.read_rows(0, m.num_samples), m.sample_ids,
+                       [f"ENSG{i:011d}" for i in range(m.num_genes)])
+  for extra in ([], ["--impute_missing"]):
+    add("bad field value", f"no landmark {extra}", run + [f"--input={other_ids}", *extra],
+        "none of the run's")
+  return cases
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_predict_refuses_by_class(env, tmp_path, cls):
+  cases = _predict_cases(env, tmp_path)[cls]
+  assert len(cases) >= 4, cls
+  inputs = [env["landmarks"], env["missing"], env["run"], env["dataset"],
+            str(tmp_path / "out" / "a_file.txt")] + sorted(
+                str(p) for p in tmp_path.iterdir() if p.name != "out")
+  out_dirs = [str(tmp_path), str(tmp_path / "out"), os.path.dirname(env["landmarks"])]
+  for i, (name, args, needle) in enumerate(cases):
+    if not any(a.startswith("--output=") for a in args):
+      args = args + [f"--output={tmp_path / 'out' / f'pred{i}.gctx'}"]
+    output = next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
+    proc = _check_refused("lsmtl_jax.predict", args, needle,
+                          [p for p in inputs if os.path.exists(p)], out_dirs, [output])
+    error = next(l for l in proc.stderr.splitlines() if l.startswith("error:"))
+    if name.startswith("no landmark"):  # the hint must not send you to a flag that fails
+      assert "--impute_missing" not in error, error
+
+
+def _prepare_cases(tmp):
+  """({class: [(name, flags, needle)]}, inputs): one valid input, outputs under tmp/'out';
+  a case's flags follow the valid ones (the last --config.FIELD=VALUE wins)."""
+  from test_prepare import _case, _config
+  data, lm, tg = _case(tmp, n=40)
+  out = tmp / "out"
+  out.mkdir()
+  good = _prepare_flags(_config(data, lm, tg, out / "ds"))
+  cases = {c: [] for c in CLASSES}
+
+  def add(cls, name, needle, *flags, base=good):
+    cases[cls].append((name, [*base, *flags], needle))
+
+  # Empty input.
+  with h5py.File(data, "r") as f:
+    rows = f["0/META/ROW/id"][()]
+  empty = tmp / "empty.gctx"
+  with h5py.File(empty, "w") as f:
+    f["0/DATA/0/matrix"] = np.zeros((0, len(rows)), np.float32)
+    f["0/META/ROW/id"], f["0/META/COL/id"] = rows, np.array([], "S1")
+  add("empty input", "gctx of 0 samples", f"{empty}: no samples", f"--config.input.path={empty}")
+  no_rows = tmp / "no_rows.tsv"
+  no_rows.write_text("id\tS0\tS1\n")
+  add("empty input", "table without genes", f"{no_rows}: no data lines",
+      f"--config.input.path={no_rows}", "--config.input.format=table")
+  zero = tmp / "zero.gctx"
+  zero.write_bytes(b"")
+  add("empty input", "0-byte file", "not a readable HDF5", f"--config.input.path={zero}")
+
+  # Odd output.
+  exists = out / "exists"
+  exists.mkdir()
+  add("odd output", "existing folder", "output already exists", f"--config.output={exists}")
+  a_file = out / "a_file.txt"
+  a_file.write_text("keep me")
+  add("odd output", "existing file", "output already exists", f"--config.output={a_file}")
+  add("odd output", "under a file", f"{a_file} is not a directory",
+      f"--config.output={a_file / 'ds'}")
+  add("odd output", "empty", "config: output is required", "--config.output=")
+  add("odd output", "the input itself", "output already exists", f"--config.output={data}")
+  ro, ro_needle = _unwritable_dir(tmp)
+  add("odd output", "unwritable folder", ro_needle, f"--config.output={ro}/ds")
+
+  # A damaged reference dataset (another platform's preparation reads it first).
+  from lsmtl_jax.data import prepare_lib
+  reference = prepare_lib.prepare(_config(data, lm, tg, tmp / "reference",
+                                          **{"dedup.enabled": False}), log=lambda s: None)
+  for name, (damaged, needle) in _damaged_copies(reference.path, tmp).items():
+    add("damaged dataset", name, needle, f"--config.reference_dataset={damaged}",
+        "--config.split.mode=test", "--config.genes.landmark_map=",
+        "--config.genes.target_map=")
+
+  # Flags.
+  add("bad flag", "misspelled override", "--config.inptu.path: no config field 'inptu'; "
+      "did you mean \"input\"", "--config.inptu.path=x")
+  add("bad flag", "unknown", "Unknown command line flag 'bogus'", "--bogus")
+  add("bad flag", "not a number", "--config.block_rows=abc", "--config.block_rows=abc")
+  add("bad flag", "no config", "--config", base=[])
+  add("bad flag", "stray argument", "unexpected arguments", "extra")
+
+  # Values.
+  add("bad field value", "nonfinite", "nonfinite must be error, impute or drop",
+      "--config.nonfinite=ignore")
+  add("bad field value", "block rows", "block_rows must be positive", "--config.block_rows=0")
+  add("bad field value", "copy targets", "genes.copy_targets must be drop, error or keep",
+      "--config.genes.copy_targets=maybe")
+  add("bad field value", "input format", "unknown format 'xml'", "--config.input.format=xml")
+  add("bad field value", "transform", "input.transform must be none or log2p1",
+      "--config.input.transform=log")
+  gz = tmp / "data.gctx.gz"
+  _gzip(data, gz)
+  add("bad field value", ".gz input", f"{gz}: a compressed (.gz) file; decompress it first",
+      f"--config.input.path={gz}")
+  unknown = tmp / "data.xyz"
+  shutil.copy(data, unknown)
+  add("bad field value", "unknown extension", "set input.format",
+      f"--config.input.path={unknown}")
+  return cases, [data, lm, tg, str(a_file)]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_prepare_refuses_by_class(tmp_path, cls):
+  cases, inputs = _prepare_cases(tmp_path)
+  cases = cases[cls]
+  assert len(cases) >= 3, cls
+  watched = inputs + sorted(str(p) for p in tmp_path.iterdir() if p.name != "out")
+  for name, args, needle in cases:
+    outputs = [a.split("=", 1)[1] for a in args if a.startswith("--config.output=")]
+    output = outputs[-1] if outputs else str(tmp_path / "out" / "ds")
+    _check_refused("lsmtl_jax.prepare", args, needle, watched,
+                   [str(tmp_path), str(tmp_path / "out")], [output] if output else [])
+
+
+def test_ids_with_a_byte_order_mark_keep_their_first_id(env, tmp_path):
+  """An id list saved by Excel starts with a UTF-8 BOM: it is not part of the first id."""
+  ds = store.open_dataset(env["dataset"])
+  lm_ids = ds.meta["landmarks"]["ids"]
+  with formats.open_matrix(env["landmarks"]) as m:
+    np.save(tmp_path / "p.npy", m.read_rows(0, m.num_samples))
+    ids = m.gene_ids
+  assert ids == lm_ids
+  (tmp_path / "ids.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(ids).encode() + b"\r\n")
+  out = tmp_path / "p.gctx"
+  proc = _run("lsmtl_jax.predict", f"--workdir={env['run']}", f"--input={tmp_path / 'p.npy'}",
+              f"--gene_ids={tmp_path / 'ids.txt'}", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with formats.open_matrix(str(out)) as m:
+    assert m.gene_ids[0] == lm_ids[0]
+
+
+def test_temporaries_of_killed_runs_are_removed_by_the_next(env, tmp_path):
+  """A run killed mid-write leaves `.OUT.tmp-PID...`; the next run of the same output
+  removes those whose process is gone, and leaves a live writer's alone."""
+  dead, live = _dead_pid(), os.getpid()
+  out = tmp_path / "p.gctx"
+  stale = [tmp_path / f".p.gctx.tmp-{dead}", tmp_path / f".p.gctx.tmp-{dead}.genes"]
+  for p in stale:
+    p.write_bytes(b"half a file")
+  mine = tmp_path / f".p.gctx.tmp-{live}.keep"
+  mine.write_bytes(b"being written")
+  proc = _run("lsmtl_jax.predict", f"--workdir={env['run']}", f"--input={env['landmarks']}",
+              f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert out.is_file() and not any(p.exists() for p in stale) and mine.exists()
+  with h5py.File(out, "r") as f:  # the real name, not the temporary one
+    assert f.attrs["src"] == "p.gctx"
+
+  # prepare: a half-written dataset folder of a killed run.
+  from test_prepare import _case
+  data, lm, tg = _case(tmp_path, n=30)
+  half = tmp_path / f".ds.tmp-{dead}-x1y2z3"
+  (half / store.ARRAY_NAME).mkdir(parents=True)
+  (half / store.ARRAY_NAME / "zarr.json").write_text("{}")
+  from test_prepare import _config
+  cfg = _config(data, lm, tg, tmp_path / "ds")
+  proc = _run("lsmtl_jax.prepare", *_prepare_flags(cfg))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert not half.exists() and store.open_dataset(str(tmp_path / "ds")).num_samples == 30
+  assert mine.exists()

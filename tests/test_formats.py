@@ -241,3 +241,34 @@ def test_gct13_column_metadata_rows(tmp_path):
   cols = m.column_metadata()
   assert cols["pert_iname"].tolist() == ["DMSO", "x", "y"]
   np.testing.assert_array_equal(cols["pert_dose"], [10.0, np.nan, 1.5])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+  bom = b"\xef\xbb\xbf"
+  values, samples, genes = _case(3, 2)
+  np.save(tmp_path / "m.npy", values)
+  (tmp_path / "genes.txt").write_bytes(bom + "\r\n".join(genes).encode() + b"\r\n")
+  m = formats.open_matrix(str(tmp_path / "m.npy"), gene_ids=str(tmp_path / "genes.txt"))
+  assert m.gene_ids == genes
+  formats.write_gct(str(tmp_path / "m.gct"), values, samples, genes)
+  (tmp_path / "bom.gct").write_bytes(bom + (tmp_path / "m.gct").read_bytes())
+  assert formats.open_matrix(str(tmp_path / "bom.gct")).gene_ids == genes
+  formats.write_table(str(tmp_path / "m.tsv"), values, samples, genes)
+  (tmp_path / "bom.tsv").write_bytes(bom + (tmp_path / "m.tsv").read_bytes())
+  assert formats.open_matrix(str(tmp_path / "bom.tsv")).sample_ids == samples
+
+
+def test_compressed_inputs_are_named_as_such(tmp_path):
+  import gzip
+  values, samples, genes = _case(3, 2)
+  formats.write_gct(str(tmp_path / "m.gct"), values, samples, genes)
+  data = (tmp_path / "m.gct").read_bytes()
+  with gzip.open(tmp_path / "m.gct.gz", "wb") as f:
+    f.write(data)
+  with pytest.raises(PrepareError, match=r"m.gct.gz: a compressed \(.gz\) file; decompress it"):
+    formats.open_matrix(str(tmp_path / "m.gct.gz"))
+  with pytest.raises(PrepareError, match="set --input_format"):
+    formats.detect_format(str(tmp_path / "m.dat"), "--input_format")
+  (tmp_path / "gz.gct").write_bytes((tmp_path / "m.gct.gz").read_bytes())  # misnamed
+  with pytest.raises(PrepareError, match="gz.gct: a compressed file; decompress it first"):
+    formats.open_matrix(str(tmp_path / "gz.gct"))

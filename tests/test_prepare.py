@@ -476,3 +476,13 @@ def test_impute_without_training_rows_is_refused(prepared, tmp_path):
                                          "nonfinite=drop"):
     prepare_lib.prepare(cfg, log=_quiet)
   assert not os.path.exists(cfg.output)
+
+
+def test_id_lists_and_maps_with_a_byte_order_mark_keep_their_first_gene(tmp_path):
+  bom = b"\xef\xbb\xbf"
+  (tmp_path / "ids.txt").write_bytes(bom + b"ENSG1\r\nENSG2\tSYM2\r\n")
+  assert [g.gene_id for g in prepare_lib.read_ids(str(tmp_path / "ids.txt"))] == ["ENSG1",
+                                                                                  "ENSG2"]
+  (tmp_path / "map.txt").write_bytes(bom + b"A\tENSG1\tp1_at\nB\tENSG2\tp2_at,p3_at\n")
+  genes = prepare_lib.read_map(str(tmp_path / "map.txt"))
+  assert [(g.symbol, g.gene_id) for g in genes] == [("A", "ENSG1"), ("B", "ENSG2")]

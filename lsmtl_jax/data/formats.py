@@ -25,6 +25,8 @@ from typing import Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
+from lsmtl_jax.data import store
+
 DATA_NODE = "0/DATA/0/matrix"
 ROW_ID_NODE = "0/META/ROW/id"  # genes
 COL_ID_NODE = "0/META/COL/id"  # samples
@@ -245,10 +247,17 @@ def _parse_floats(cells: Sequence[str], path: str, line_no: int, first_col: int)
 
 
 def _open_text(path: str):
+  """A text input: UTF-8, a leading byte order mark dropped (Excel and Windows
+  tools write one, and it would glue itself to the first id)."""
   if not os.path.isfile(path):
     raise PrepareError(f"{path}: no such file")
   try:
-    return open(path, "r", encoding="utf-8", newline="")
+    with open(path, "rb") as f:
+      magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b" or magic[:4] in (b"PK\x03\x04", b"\x28\xb5\x2f\xfd") or (
+        magic[:3] == b"BZh"):
+      raise PrepareError(f"{path}: a compressed file; decompress it first")
+    return open(path, "r", encoding="utf-8-sig", newline="")
   except OSError as e:
     raise PrepareError(f"{path}: cannot open: {_first_line(e)}") from None
 
@@ -358,7 +367,10 @@ def read_table(path: str, id_column: int = 0, first_value_column: int = 1,
 
 def _read_id_file(path: str) -> list[str]:
   with _open_text(path) as f:
-    return [ln.strip() for ln in f if ln.strip()]
+    try:
+      return [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError:
+      raise PrepareError(f"{path}: not a UTF-8 text file of ids") from None
 
 
 def read_npy(path: str, gene_ids_path: str, sample_ids_path: str = "") -> ArrayMatrix:
@@ -379,13 +391,28 @@ def read_npy(path: str, gene_ids_path: str, sample_ids_path: str = "") -> ArrayM
   return ArrayMatrix(path, values, sample_ids, gene_ids)
 
 
-def detect_format(path: str) -> str:
+COMPRESSED = (".gz", ".bz2", ".xz", ".zip", ".zst")
+EXTENSIONS = ".gctx/.h5, .gct, .csv/.tsv/.txt or .npy"
+
+
+def compressed_suffix(path: str) -> str | None:
+  lower = path.lower()
+  return next((ext for ext in COMPRESSED if lower.endswith(ext)), None)
+
+
+def detect_format(path: str, flag: str = "input.format") -> str:
+  """The format a file name says; `flag` is what the caller's user sets instead."""
   lower = path.lower()
   for ext, fmt in ((".gctx", "gctx"), (".h5", "gctx"), (".gct", "gct"), (".npy", "npy"),
                    (".csv", "table"), (".tsv", "table"), (".txt", "table")):
     if lower.endswith(ext):
       return fmt
-  raise PrepareError(f"{path}: cannot tell the format from the name; set input.format")
+  ext = compressed_suffix(path)
+  if ext:
+    raise PrepareError(f"{path}: a compressed ({ext}) file; decompress it first (it reads "
+                       f"{EXTENSIONS})")
+  raise PrepareError(f"{path}: cannot tell the format from the name ({EXTENSIONS}); "
+                     f"set {flag}")
 
 
 def open_matrix(path: str, fmt: str = "auto", *, id_column: int = 0,
@@ -419,7 +446,8 @@ def write_gctx(path: str, blocks: Iterable[np.ndarray] | np.ndarray, sample_ids:
   """Writes a GCTx in cmapPy's layout, block by block, to `path` via a temporary name.
 
   Chunks default to cmapPy's choice for a [samples, genes] matrix: up to 1,000
-  rows by as many columns as fit in 1 MB. `row_meta` (per gene) and `col_meta`
+  rows by as many columns as fit in 1 MB. The temporary carries the pid
+  (`store.temp_name`); one left by a killed writer is removed on the next write. `row_meta` (per gene) and `col_meta`
   (per sample) fields go beside the ids in CMap's encoding (`metadata_array`).
   The `src` attribute names the file: `src`, or the base name of `path`
   (callers that write to a temporary name pass the final one).
@@ -441,7 +469,8 @@ def write_gctx(path: str, blocks: Iterable[np.ndarray] | np.ndarray, sample_ids:
         raise ValueError(f"{path}: metadata field {name!r} has {len(values)} values, "
                          f"expected {count}")
       fields.append((f"{group}/{name}", values))
-  tmp = path + ".tmp"
+  store.remove_abandoned(path)
+  tmp = store.temp_name(path)
   try:
     with h5py.File(tmp, "w") as f:
       f.attrs["version"] = GCTX_VERSION

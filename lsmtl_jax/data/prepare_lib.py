@@ -69,7 +69,7 @@ def read_map(path: str) -> list[Gene]:
     raise PrepareError(f"{path}: no such file")
   genes, seen = [], {}
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is not an id
       for line_no, line in enumerate(f, start=1):
         line = line.rstrip("\r\n")
         if not line.strip():
@@ -100,19 +100,22 @@ def read_ids(path: str) -> list[Gene]:
   if not os.path.isfile(path):
     raise PrepareError(f"{path}: no such file")
   genes, seen = [], set()
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      fields = [x.strip() for x in line.rstrip("\r\n").split("\t")]
-      if not fields[0]:
-        continue
-      if len(fields) > 2:
-        raise PrepareError(f"{path}: line {line_no} has {len(fields)} columns, expected "
-                           f"1 or 2 (id, symbol)")
-      gid = formats.strip_version(fields[0])
-      if gid in seen:
-        raise PrepareError(f"{path}: line {line_no}: gene {gid} listed twice")
-      seen.add(gid)
-      genes.append(Gene(fields[1] if len(fields) == 2 else gid, gid, [gid]))
+  try:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is not an id
+      for line_no, line in enumerate(f, start=1):
+        fields = [x.strip() for x in line.rstrip("\r\n").split("\t")]
+        if not fields[0]:
+          continue
+        if len(fields) > 2:
+          raise PrepareError(f"{path}: line {line_no} has {len(fields)} columns, expected "
+                             f"1 or 2 (id, symbol)")
+        gid = formats.strip_version(fields[0])
+        if gid in seen:
+          raise PrepareError(f"{path}: line {line_no}: gene {gid} listed twice")
+        seen.add(gid)
+        genes.append(Gene(fields[1] if len(fields) == 2 else gid, gid, [gid]))
+  except UnicodeDecodeError:
+    raise PrepareError(f"{path}: not a UTF-8 text file of gene ids") from None
   if not genes:
     raise PrepareError(f"{path}: no genes")
   return genes
@@ -368,6 +371,29 @@ def _validate_config(cfg) -> None:
     bad("dedup", "num_clusters and sketch_dim must be positive, threshold non-negative")
 
 
+def _check_output(out: str) -> None:
+  """Before any work: the output is new, and its folder can take it. A temporary
+  of a killed earlier run of the same output is removed."""
+  if os.path.lexists(out):
+    raise PrepareError(f"{out}: output already exists; remove it or choose another path")
+  ancestor = os.path.dirname(out)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise PrepareError(f"{out}: cannot create the output: {ancestor} is not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise PrepareError(f"{out}: cannot create the output: {ancestor} is not writable")
+  if ancestor == os.path.dirname(out):
+    store.remove_abandoned(out)
+    probe = store.temp_name(out, ".probe")
+    try:
+      with open(probe, "wb"):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise PrepareError(f"{out}: cannot write in {ancestor}: {e.strerror or e}") from None
+
+
 def _versions() -> dict[str, str]:
   return {"lsmtl_jax": __version__, "python": platform.python_version(),
           "numpy": np.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
@@ -379,8 +405,7 @@ def prepare(cfg, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr
   _validate_config(cfg)
   t0 = time.time()
   out = os.path.abspath(cfg.output)
-  if os.path.exists(out):
-    raise PrepareError(f"{out}: output already exists; remove it or choose another path")
+  _check_output(out)
   reference_meta = None
   if cfg.reference_dataset:
     try:

@@ -27,6 +27,7 @@ read strictly, without the size check.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -45,6 +46,52 @@ STD_EPS = 1e-3  # D-GEX standardizes as (v - mean) / (std + 1e-3)
 
 class DatasetError(ValueError):
   """A dataset directory that is missing or malformed; the message names it."""
+
+
+# Temporary outputs. A writer puts a file or folder under a hidden temporary name
+# beside its final path, carrying its pid (`.NAME.tmp-PID...`, the convention of
+# lsmtl_jax.fileio), and renames it when complete. A writer that was killed
+# leaves its temporary behind; the next writer of the same path removes it once
+# that pid no longer runs.
+
+
+def temp_prefix(path: str) -> str:
+  head, tail = os.path.split(os.path.abspath(path))
+  return os.path.join(head, f".{tail}.tmp-")
+
+
+def temp_name(path: str, suffix: str = "") -> str:
+  """This process's temporary name for `path`."""
+  return f"{temp_prefix(path)}{os.getpid()}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError):
+    return True
+  return True
+
+
+def remove_abandoned(path: str) -> list[str]:
+  """Removes the temporaries of `path` whose writing process is gone; returns them."""
+  prefix = temp_prefix(path)
+  removed = []
+  for tmp in glob.glob(glob.escape(prefix) + "*"):
+    pid = tmp[len(prefix):].split(".", 1)[0].split("-", 1)[0]
+    if not pid.isdigit() or _alive(int(pid)):
+      continue
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+    else:
+      try:
+        os.remove(tmp)
+      except FileNotFoundError:
+        pass
+    removed.append(tmp)
+  return removed
 
 
 INTEGRITY = "crc32c per chunk, every chunk stored, shard sizes in meta.json"
@@ -340,16 +387,17 @@ def write_dataset(path: str, blocks: Iterable[np.ndarray], num_samples: int,
                   meta: Mapping[str, Any]) -> Dataset:
   """Writes row blocks and metadata to a temporary directory, then renames it to `path`.
 
-  A crash leaves no directory at `path` that `open_dataset` would accept. The
-  size of every shard file goes into meta.json (`integrity`), for the check on
-  open.
+  A crash leaves no directory at `path` that `open_dataset` would accept, only a
+  temporary that the next write of `path` removes. The size of every shard file
+  goes into meta.json (`integrity`), for the check on open.
   """
   if os.path.exists(path):
     raise DatasetError(f"{path}: already exists; remove it or choose another path")
   num_genes = len(meta["landmarks"]["ids"]) + len(meta["targets"]["ids"])
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  remove_abandoned(path)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(temp_name(path, "-")), dir=parent)
   try:
     array_path = os.path.join(tmp, ARRAY_NAME)
     array = ts.open(_zarr3_spec(array_path, (num_samples, num_genes)),
