@@ -546,3 +546,36 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next(env, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert not half.exists() and store.open_dataset(str(tmp_path / "ds")).num_samples == 30
   assert mine.exists()
+
+
+def test_predict_output_for_the_cmap_tools(env, tmp_path):
+  """(Reuses this file's trained run.) The input's column metadata reach the GCTx and
+  GCT outputs; numeric row metadata are numeric with CMap's -666 for missing; src is
+  the output's own name."""
+  with formats.open_matrix(env["landmarks"]) as m:
+    values, samples, genes = m.read_rows(0, m.num_samples), m.sample_ids, m.gene_ids
+  n = len(samples)
+  col_meta = {"pert_iname": np.array([f"drug{i}" for i in range(n)], object),
+              "pert_dose": np.where(np.arange(n) == 1, np.nan, np.arange(n) * 2.5),
+              "plate": np.arange(n)}
+  inp = tmp_path / "in.gctx"
+  formats.write_gctx(str(inp), values, samples, genes, col_meta=col_meta)
+  for name in ("out.gctx", "out.gct"):
+    out = tmp_path / name
+    proc = _run("lsmtl_jax.predict", f"--workdir={env['run']}", f"--input={inp}",
+                f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with formats.open_matrix(str(out)) as m:
+      got = m.column_metadata()
+    assert sorted(got) == sorted(col_meta), name
+    assert got["pert_iname"].tolist() == col_meta["pert_iname"].tolist()
+    np.testing.assert_array_equal(got["pert_dose"], col_meta["pert_dose"])
+    np.testing.assert_array_equal(got["plate"], col_meta["plate"])
+  with h5py.File(tmp_path / "out.gctx", "r") as f:
+    assert f.attrs["src"] == "out.gctx"
+    num_lm = int(f["0/META/ROW/is_landmark"][()].sum())
+    for field in ("val_cc", "val_mae", "val_mae_z"):
+      v = f[f"0/META/ROW/{field}"][()]
+      assert v.dtype.kind == "f" and (v[:num_lm] == formats.MISSING).all(), field
+      assert not np.isnan(v).any(), field  # NaN would make cmapPy read the field as text
+    assert f["0/META/COL/pert_dose"][()][1] == formats.MISSING
