@@ -290,3 +290,14 @@ def test_meta_that_disagrees_with_the_store_is_refused(tiny_dataset, tmp_path, f
     store.open_dataset(str(copy))
   msg = str(e.value)
   assert msg.startswith(f"{copy / 'meta.json'}: ") and needle in msg, msg
+
+
+def test_loaders_surface_a_damaged_read_as_one_dataset_error(tmp_path):
+  ds, _ = _small_dataset(tmp_path / "d")
+  os.remove(_shard(ds, 1))
+  order = loader.TrainOrder(np.arange(600), 64, seed=0)
+  with pytest.raises(store.DatasetError, match=r"damaged dataset: \d+ row\(s\) cannot be read"):
+    for _ in loader.train_batches(ds, order, 0, order.steps_per_epoch):
+      pass
+  with pytest.raises(store.DatasetError, match=r"44 row\(s\) cannot be read \(rows 256-299\)"):
+    list(loader.eval_batches(ds, np.arange(600), 100))  # the batch of rows 200-299
