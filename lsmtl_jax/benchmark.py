@@ -23,10 +23,13 @@ What is measured
     device measures in the same invocation (perf.measured_matmul_peak).
   * Parameter and optimizer-state bytes; peak device memory where the backend
     reports it (CPU does not: the process's peak RSS is printed instead).
-  * With --torch, ../shared/bench/peer_torch_densenet.py (the same network,
-    loss and optimizer in PyTorch) runs as a subprocess between the JAX blocks,
-    same machine, same batch, same threads; the ratio is computed per repeat.
-    Without the script (or without torch) the comparison is skipped and says so.
+  * With --torch, the PyTorch peer lsmtl_jax/torch_peer.py (the same network,
+    loss and optimizer; the `bench` extra installs torch) runs as a subprocess
+    between the JAX blocks, once per mode (--torch_modes: eager and
+    torch.compile, its compile time excluded and reported apart), same machine,
+    same batch, same threads; the ratios are computed per repeat. Without torch
+    the comparison is skipped and says so; a mode that cannot run here (e.g.
+    torch.compile without a C++ compiler) is reported unavailable, with why.
   * With --lam0, the same model with lam = 0 interleaved (which goes first
     alternates, and each block follows an untimed step): Deep-LSMTL's step
     time over the plain DenseNet's, and the regularizer's extra memory
@@ -69,8 +72,8 @@ from lsmtl_jax.data import loader
 from lsmtl_jax.data import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(lsmtl_jax.__file__)))
-DEFAULT_TORCH_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench",
-                                    "peer_torch_densenet.py")
+TORCH_PEER_MODULE = "lsmtl_jax.torch_peer"  # the in-repo PyTorch peer (python -m)
+TORCH_MODES = ("eager", "compile")
 GEO_LANDMARKS, GEO_TARGETS = 943, 9520
 
 # ----------------------------------------------------------------------------
@@ -190,27 +193,36 @@ class StepBench:
 
 def run_torch_peer(script: str, *, hidden: int, depth: int, batch: int, bottleneck: int,
                    n_in: int, n_out: int, steps: int, warmup: int, threads: int, lam: float,
-                   mask_rate: float, dropout: float, timeout: float = 1800) -> dict[str, Any]:
-  """One run of the PyTorch reference; its JSON line, or {'skipped': why}."""
-  if not script or not os.path.isfile(script):
-    return {"skipped": f"PyTorch reference not found at {script or '(none)'}"}
-  cmd = [sys.executable, script, "--hidden", str(hidden), "--layers", str(depth), "--batch",
-         str(batch), "--bottleneck", str(bottleneck), "--n_in", str(n_in), "--n_out",
-         str(n_out), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
-         "--lam", str(lam), "--mask_rate", str(mask_rate), "--dropout", str(dropout)]
+                   mask_rate: float, dropout: float, mode: str = "eager",
+                   timeout: float = 1800) -> dict[str, Any]:
+  """One run of the PyTorch peer in `mode` ('eager' or 'compile'); its JSON
+  line, or {'skipped': why}. script: '' = the in-repo peer (python -m
+  lsmtl_jax.torch_peer), else a file with the same command line."""
+  if script and not os.path.isfile(script):
+    return {"skipped": f"PyTorch peer not found at {script}"}
+  cmd = [sys.executable] + ([script] if script else ["-m", TORCH_PEER_MODULE])
+  cmd += ["--hidden", str(hidden), "--layers", str(depth), "--batch",
+          str(batch), "--bottleneck", str(bottleneck), "--n_in", str(n_in), "--n_out",
+          str(n_out), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
+          "--lam", str(lam), "--mask_rate", str(mask_rate), "--dropout", str(dropout),
+          "--mode", mode]
+  # The repository first on the path: `-m` finds the peer in a clone that is not installed.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                          env=env)
   except subprocess.TimeoutExpired:
-    return {"skipped": f"PyTorch reference timed out after {timeout:.0f} s"}
+    return {"skipped": f"PyTorch peer ({mode}) timed out after {timeout:.0f} s"}
+  for line in reversed(proc.stdout.strip().splitlines()):
+    if line.startswith("{"):  # a measurement, or the peer's own {"skipped": why}
+      return json.loads(line)
   if proc.returncode != 0:
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     if "No module named 'torch'" in proc.stderr:
-      last = "torch is not installed (pip install torch, CPU build; or pip install -e '.[bench]')"
-    return {"skipped": f"PyTorch reference failed: {last}"}
-  for line in reversed(proc.stdout.strip().splitlines()):
-    if line.startswith("{"):
-      return json.loads(line)
-  return {"skipped": "PyTorch reference printed no JSON line"}
+      last = "torch is not installed (pip install -e '.[bench]'; the CPU build suffices)"
+    return {"skipped": f"PyTorch peer failed: {last}"}
+  return {"skipped": "PyTorch peer printed no JSON line"}
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:
@@ -281,7 +293,8 @@ class SizeOptions:
   steps: int = 5
   warmup: int = 2
   torch: str = "auto"  # 'auto' (run if found), 'on' (required), 'off'
-  torch_script: str = DEFAULT_TORCH_SCRIPT
+  torch_script: str = ""  # '' = the in-repo peer, lsmtl_jax/torch_peer.py
+  torch_modes: tuple[str, ...] = TORCH_MODES
   torch_steps: int = 0  # 0: the same as steps
   lam0: bool = True
   threads: int = 0  # 0: every core this process may use
@@ -311,10 +324,14 @@ def benchmark_size(config: ml_collections.ConfigDict, num_landmarks: int, num_ta
                   n_out=num_targets, steps=options.torch_steps or options.steps,
                   warmup=options.warmup, threads=threads, lam=config.lsmtl.lam,
                   mask_rate=config.lsmtl.mask_rate, dropout=model.dropout)
-  times = {"jax": [], "jax_lam0": [], "torch": []}
-  torch_skip, torch_info = None, {}
-  if torch_wanted and not os.path.isfile(options.torch_script):
-    torch_skip = f"PyTorch reference not found at {options.torch_script}"
+  times = {"jax": [], "jax_lam0": []}
+  modes = tuple(options.torch_modes) if torch_wanted else ()
+  peer_times = {m: [] for m in modes}
+  peer_skip = {m: None for m in modes}
+  peer_info = {m: {} for m in modes}
+  peer_compile = {m: [] for m in modes}  # torch.compile + first step, per run (not timed)
+  if options.torch_script and not os.path.isfile(options.torch_script):
+    peer_skip = {m: f"PyTorch peer not found at {options.torch_script}" for m in modes}
   for rep in range(options.repeats):
     # Alternate which model goes first, and give each an untimed step before
     # its block: whatever ran just before (the peer's process, the other
@@ -324,18 +341,23 @@ def benchmark_size(config: ml_collections.ConfigDict, num_landmarks: int, num_ta
       if bench is not None:
         bench.block(1)
         times[name].append(bench.block(options.steps))
-    if torch_wanted and torch_skip is None:
-      peer = run_torch_peer(options.torch_script, **torch_kw)
-      if "skipped" in peer:
-        torch_skip = peer["skipped"]
-      else:
-        times["torch"].append(peer["step_s"])
-        torch_info = {k: peer[k] for k in ("torch", "threads", "flops_per_example") if k in peer}
+    for mode in modes:  # a mode that failed once is not run again
+      if peer_skip[mode] is None:
+        peer = run_torch_peer(options.torch_script, mode=mode, **torch_kw)
+        if "skipped" in peer:
+          peer_skip[mode] = peer["skipped"]
+        else:
+          peer_times[mode].append(peer["step_s"])
+          peer_info[mode] = {k: peer[k] for k in ("impl", "torch", "threads",
+                                                  "flops_per_example") if k in peer}
+          if "compile_s" in peer:
+            peer_compile[mode].append(peer["compile_s"])
     log(f"  {label} repeat {rep + 1}/{options.repeats}: JAX {times['jax'][-1] * 1e3:.1f} ms"
         + (f", lam=0 {times['jax_lam0'][-1] * 1e3:.1f} ms" if times["jax_lam0"] else "")
-        + (f", PyTorch {times['torch'][-1] * 1e3:.1f} ms" if len(times["torch"]) > rep else ""))
-  if torch_skip and options.torch == "on":
-    raise RuntimeError(f"--torch=on: {torch_skip}")
+        + "".join(f", PyTorch {m} {peer_times[m][-1] * 1e3:.1f} ms" for m in modes
+                  if len(peer_times[m]) > rep))
+  if modes and options.torch == "on" and not any(peer_times.values()):
+    raise RuntimeError("--torch=on: " + "; ".join(f"{m}: {peer_skip[m]}" for m in modes))
 
   batch = config.train.batch_size
   flops = main.flops_per_example()
@@ -365,19 +387,27 @@ def benchmark_size(config: ml_collections.ConfigDict, num_landmarks: int, num_ta
                       "extra_state_bytes": (main.param_bytes + main.opt_state_bytes
                                             - lam0.param_bytes - lam0.opt_state_bytes)}
     result["regularizer_memory"] = regularizer_memory(num_targets, config.lsmtl.bottleneck)
-  if torch_wanted:
-    if times["torch"]:
-      n = len(times["torch"])
-      ratios = [t / j for j, t in zip(times["jax"][:n], times["torch"])]
-      tstep = _spread(times["torch"])
-      result["torch"] = {"step_s": tstep, "examples_per_s": batch / tstep["median"],
-                         "jax_over_torch_examples_per_s": _spread(ratios),
-                         # the least-disturbed run of each (a quiet machine's estimate)
-                         "best_over_best": tstep["min"] / step["min"], **torch_info}
-      if torch_skip:
-        result["torch"]["note"] = f"stopped after {n} repeats: {torch_skip}"
-    else:
-      result["torch"] = {"skipped": torch_skip}
+  if modes:
+    # result["torch"][mode]: the peer's step in that mode, or {"skipped": why}.
+    result["torch"] = {}
+    for mode in modes:
+      if peer_times[mode]:
+        n = len(peer_times[mode])  # the peer's runs are the first n repeats
+        ratios = [t / j for j, t in zip(times["jax"][:n], peer_times[mode])]
+        tstep = _spread(peer_times[mode])
+        entry = {"step_s": tstep, "examples_per_s": batch / tstep["median"],
+                 "jax_over_torch_examples_per_s": _spread(ratios),
+                 # the least-disturbed run of each (a quiet machine's estimate)
+                 "best_over_best": tstep["min"] / step["min"], **peer_info[mode]}
+        if peer_compile[mode]:
+          # The first run compiles from scratch; later ones reuse inductor's cache.
+          entry["compile_s"] = _spread(peer_compile[mode])
+          entry["compile_s_first_run"] = peer_compile[mode][0]
+        if peer_skip[mode]:
+          entry["note"] = f"stopped after {n} repeats: {peer_skip[mode]}"
+      else:
+        entry = {"skipped": peer_skip[mode]}
+      result["torch"][mode] = entry
   del main, lam0
   return result
 
@@ -394,6 +424,9 @@ def _mib(n) -> str:
 def _pm(s: dict[str, float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
   return (fmt.format(s["median"] * scale) + " [" + fmt.format(s["min"] * scale) + "-"
           + fmt.format(s["max"] * scale) + "]")
+
+
+_PEER_NAMES = {"eager": "PyTorch eager", "compile": "PyTorch compiled"}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -426,19 +459,26 @@ def format_report(report: dict[str, Any]) -> str:
                 f"O(T k) = 3 x 4 B x {rm['lsmtl_params']:,} = {_mib(rm['lsmtl_bytes_with_adam'])}"),
                ("Deep-AMTL T x T instead", f"O(T^2) = 3 x 4 B x {rm['amtl_params']:,} = "
                 f"{_mib(rm['amtl_bytes_with_adam'])} ({rm['amtl_over_lsmtl']:.0f}x)")]
-    if "torch" in r:
-      t = r["torch"]
+    for mode, t in r.get("torch", {}).items():
+      name = _PEER_NAMES.get(mode, f"PyTorch {mode}")
       if "skipped" in t:
-        rows.append(("PyTorch reference", f"skipped: {t['skipped']}"))
-      else:
-        rows += [(f"PyTorch {t.get('torch', '')} step (ms)", _pm(t["step_s"], 1e3)
-                  + f"  ({t.get('threads', '?')} threads)"),
-                 ("PyTorch examples/s", f"{t['examples_per_s']:,.0f}"),
-                 ("JAX / PyTorch examples/s", _pm(t["jax_over_torch_examples_per_s"], 1, "{:.2f}")
-                  + "  (target >= 1.2)"),
-                 ("  best JAX / best PyTorch", f"{t['best_over_best']:.2f}")]
-        if "note" in t:
-          rows.append(("PyTorch note", t["note"]))
+        rows.append((name, ("unavailable: " if mode == "compile" else "skipped: ")
+                     + t["skipped"]))
+        continue
+      rows += [(f"{name} step (ms)", _pm(t["step_s"], 1e3)
+                + f"  (torch {t.get('torch', '?')}, {t.get('threads', '?')} threads)"),
+               (f"{name} examples/s", f"{t['examples_per_s']:,.0f}")]
+      if "compile_s" in t:
+        c = t["compile_s"]
+        rows.append((f"{name} compile + first step",
+                     f"{t['compile_s_first_run']:.1f} s in the first run"
+                     + (f", {c['min']:.1f}-{c['max']:.1f} s in all {c['n']} (later runs "
+                        "reuse inductor's cache)" if c["n"] > 1 else "") + "; not timed"))
+      rows += [(f"JAX / {name} examples/s", _pm(t["jax_over_torch_examples_per_s"], 1, "{:.2f}")
+                + "  (target >= 1.2)"),
+               (f"  best JAX / best {name}", f"{t['best_over_best']:.2f}")]
+      if "note" in t:
+        rows.append((f"{name} note", t["note"]))
     width = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{width}}  {v}" for k, v in rows] + [""]
   for ld in report.get("loaders", []):
@@ -494,9 +534,14 @@ def _define_flags():
   flags.DEFINE_integer("steps", 5, "Steps per timed block.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first compiles).")
   flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"],
-                    "Run the PyTorch reference side by side: auto = when its script and torch "
-                    "are there; on = required.")
-  flags.DEFINE_string("torch_script", DEFAULT_TORCH_SCRIPT, "The PyTorch reference script.")
+                    "Run the PyTorch peer (lsmtl_jax/torch_peer.py) side by side: auto = when "
+                    "torch is installed (the `bench` extra); on = required (an error when no "
+                    "mode could run).")
+  flags.DEFINE_list("torch_modes", list(TORCH_MODES),
+                    "The peer's modes: eager, compile (torch.compile; compile time excluded).")
+  flags.DEFINE_string("torch_script", "",
+                      "Another PyTorch peer script with torch_peer.py's command line "
+                      "(default: the in-repo peer).")
   flags.DEFINE_bool("lam0", True, "Also time lam = 0 (the regularizer's cost).")
   flags.DEFINE_bool("loader", True, "Time the loader on the config's dataset.")
   flags.DEFINE_integer("loader_batches", 60, "Batches read to time the loader.")
@@ -534,8 +579,12 @@ def _config_dataset(config):
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  unknown = set(FLAGS.torch_modes) - set(TORCH_MODES)
+  if unknown:
+    raise app.UsageError(f"--torch_modes: {sorted(unknown)} not in {list(TORCH_MODES)}")
   options = SizeOptions(repeats=FLAGS.repeats, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                        torch=FLAGS.torch, torch_script=FLAGS.torch_script, lam0=FLAGS.lam0,
+                        torch=FLAGS.torch, torch_script=FLAGS.torch_script,
+                        torch_modes=tuple(FLAGS.torch_modes), lam0=FLAGS.lam0,
                         threads=FLAGS.threads)
   _log("measuring the float32 matmul peak ...")
   peak = perf.measured_matmul_peak()
@@ -621,13 +670,13 @@ def _geo_loader(config, report, peak) -> dict[str, Any]:
 def _summary(report) -> dict[str, str]:
   s = {}
   for r in report["sizes"]:
-    t = r.get("torch", {})
-    if "jax_over_torch_examples_per_s" in t:
-      s[f"JAX/PyTorch examples/s, {r['label']}"] = (
-          _pm(t["jax_over_torch_examples_per_s"], 1, "{:.2f}")
-          + f"; best/best {t['best_over_best']:.2f}  (target >= 1.2)")
-    elif "skipped" in t:
-      s[f"JAX/PyTorch examples/s, {r['label']}"] = f"skipped: {t['skipped']}"
+    for mode, t in r.get("torch", {}).items():
+      key = f"JAX/{_PEER_NAMES.get(mode, mode)} examples/s, {r['label']}"
+      if "jax_over_torch_examples_per_s" in t:
+        s[key] = (_pm(t["jax_over_torch_examples_per_s"], 1, "{:.2f}")
+                  + f"; best/best {t['best_over_best']:.2f}  (target >= 1.2)")
+      elif "skipped" in t:
+        s[key] = ("unavailable: " if mode == "compile" else "skipped: ") + t["skipped"]
     if "lam0" in r:
       s[f"LSMTL/lam=0 step time, {r['label']}"] = _pm(r["lam0"]["lsmtl_over_lam0_step"], 1,
                                                      "{:.3f}") + "  (target <= 1.10)"
