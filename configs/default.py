@@ -6,7 +6,9 @@ the command line, e.g. `--config.model.hidden=512 --config.lsmtl.lam=0.5`.
 
 import ml_collections
 
-from lsmtl_jax.methods import defaults as method_defaults
+# Configs sit above the package: they may use its API, the package never
+# imports them (it reads them as data through --config).
+from lsmtl_jax import config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -97,6 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Other methods to run on the same data after this one, and tabulate beside it.
   config.compare_with = ()
-  # The comparison methods' own sections (lsr_l1, knn, semigan, go_mtl, cnmtl,
-  # amtl, amtfl, memory): lsmtl_jax/methods/defaults.py documents each field.
-  return method_defaults.add_defaults(config)
+
+  # Estimated training memory above this stops a network run before it
+  # allocates (the paper's out-of-memory cells). 0: the device's own memory.
+  config.memory = ml_collections.ConfigDict({"limit_gb": 0.0})
+  # Each method's own section (lsr_l1, knn, semigan, go_mtl, cnmtl, amtl,
+  # amtfl), with the defaults its record in lsmtl_jax/methods/ documents.
+  return config_lib.with_method_sections(config)

@@ -14,7 +14,7 @@ cost, MFU, loader/training ratios for the demo and a GEO-shaped store)::
 (--geo_train=measure also times the paper's 3 x 9,000 model against lam = 0.)
 
 What is measured
-  * The jitted train step exactly as training builds it (train.train_step,
+  * The jitted train step exactly as training builds it (build.build_network,
     in/out shardings, the state donated), after warm-up; every timed block of
     `--steps` steps ends with block_until_ready. Step time: median over
     `--repeats` blocks, with the min-max spread.
@@ -45,7 +45,6 @@ one invocation and reported as ratios with their spread.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -67,9 +66,12 @@ import numpy as np
 import lsmtl_jax
 from lsmtl_jax import parallel
 from lsmtl_jax import perf
-from lsmtl_jax import train
+from lsmtl_jax import build
+from lsmtl_jax import config_lib
 from lsmtl_jax.data import loader
+from lsmtl_jax.data import sources
 from lsmtl_jax.data import store
+from lsmtl_jax.methods import deep_lsmtl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(lsmtl_jax.__file__)))
 TORCH_PEER_MODULE = "lsmtl_jax.torch_peer"  # the in-repo PyTorch peer (python -m)
@@ -119,7 +121,7 @@ def regularizer_memory(num_targets: int, bottleneck: int) -> dict[str, Any]:
 
 
 class StepBench:
-  """A train state and its jitted step, built the way train._train_network builds them.
+  """A train state and its jitted step, built by build.build_network as training builds them.
 
   `block(steps)` runs `steps` donated steps and returns seconds per step, after
   block_until_ready on the state and metrics.
@@ -127,28 +129,18 @@ class StepBench:
 
   def __init__(self, config: ml_collections.ConfigDict, num_landmarks: int, num_targets: int,
                seed: int = 0):
-    config = train.resolve_method(config)
-    train.validate_config(config)
+    config = config_lib.resolve(config)
+    config_lib.validate(config)
     self.config = config
     self.num_landmarks, self.num_targets = num_landmarks, num_targets
     self.batch_size = config.train.batch_size
-    mesh = parallel.make_mesh(config.mesh)
-    self.mesh = mesh
-    padded = parallel.padded_targets(num_targets, config.mesh.target_multiple,
-                                     mesh.shape["model"])
-    self.padded_targets = padded
-    regressor, relation = train.create_model(config, padded)
-    self.has_relation = relation is not None
+    network = build.build_network(config, num_landmarks, num_targets)
+    self.mesh = mesh = network.mesh
+    self.padded_targets = network.num_padded
+    self.has_relation = bool(network.extras.get(deep_lsmtl.TASK_RELATION))
     init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    tx = train.create_optimizer(config, 10_000)
-    self.state, shardings = train.create_train_state(
-        init_key, regressor, relation, num_landmarks, padded, tx, mesh,
-        parallel.logical_rules(config.mesh))
-    self.step_fn = jax.jit(
-        functools.partial(train.train_step, regressor=regressor, relation=relation,
-                          config=config, base_key=base_key),
-        in_shardings=(shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    self.state, shardings = network.create_state(init_key, build.create_optimizer(config, 10_000))
+    self.step_fn = network.train_step(shardings, base_key)
     rng = np.random.default_rng(seed)
     host = {"x": rng.standard_normal((self.batch_size, num_landmarks), np.float32),
             "y": rng.standard_normal((self.batch_size, num_targets), np.float32)}
@@ -166,7 +158,7 @@ class StepBench:
 
   @property
   def relation_param_bytes(self) -> int:
-    return tree_bytes(self.state.params.get("relation", {}))
+    return tree_bytes(self.state.params.get(deep_lsmtl.TASK_RELATION, {}))
 
   def flops_per_example(self) -> int:
     k = self.config.lsmtl.bottleneck if self.has_relation else 0
@@ -306,8 +298,8 @@ def benchmark_size(config: ml_collections.ConfigDict, num_landmarks: int, num_ta
   """Deep-LSMTL's step (and lam = 0's, and PyTorch's) timed in interleaved repeats."""
   config = ml_collections.ConfigDict(config.to_dict())
   threads = options.threads or num_threads()
-  lsmtl_on = config.lsmtl.lam > 0 and config.method == "deep_lsmtl"
   main = StepBench(config, num_landmarks, num_targets)
+  lsmtl_on = main.has_relation  # the task-relation bottleneck is built (Deep-LSMTL, lam > 0)
   lam0 = None
   if options.lam0 and lsmtl_on:
     zero = ml_collections.ConfigDict(config.to_dict())
@@ -573,7 +565,7 @@ def _loader_entry(label, dataset, batch, train_eps, source, prefetch) -> dict[st
 def _config_dataset(config):
   """The config's dataset (the synthetic compendium is generated on first use)."""
   try:
-    return train.load_dataset(config), None
+    return sources.load_dataset(config), None
   except (store.DatasetError, OSError) as e:
     return None, str(e)
 
@@ -589,7 +581,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   _log("measuring the float32 matmul peak ...")
   peak = perf.measured_matmul_peak()
   report: dict[str, Any] = {"machine": machine_info(peak), "sizes": [], "loaders": []}
-  config = train.resolve_method(config)
+  config = config_lib.resolve(config)
   dataset, why = (None, "config has no dataset")
   if config.data.synthetic.enabled or config.data.path:
     dataset, why = _config_dataset(config)

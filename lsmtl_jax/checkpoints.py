@@ -14,6 +14,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from lsmtl_jax import fileio
+
 
 class CheckpointError(RuntimeError):
   """No checkpoint in a directory could be read; the message says why."""
@@ -43,10 +45,7 @@ def _files(step_dir: str):
 
 def _write_checksums(step_dir: str) -> None:
   manifest = {rel: [os.path.getsize(path), _crc32(path)] for rel, path in _files(step_dir)}
-  tmp = os.path.join(step_dir, f".{CHECKSUMS_NAME}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f)
-  os.replace(tmp, os.path.join(step_dir, CHECKSUMS_NAME))
+  fileio.write_json(os.path.join(step_dir, CHECKSUMS_NAME), manifest)
 
 
 def _verify_checksums(step_dir: str) -> None:
@@ -64,6 +63,37 @@ def _verify_checksums(step_dir: str) -> None:
       raise CheckpointError(f"{rel} has {os.path.getsize(full)} bytes, {size} were written")
     if _crc32(full) != crc:
       raise CheckpointError(f"{rel} fails its CRC32 check")
+
+
+def best_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints", "best"))
+
+
+def read_best(workdir: str, abstract_variables) -> tuple[Any, int]:
+  """(variables, step) of the newest readable best save, for using a finished
+  run: read only (nothing is created, moved or sealed), CRC-checked like a
+  restore for training, a damaged save skipped for the one before it.
+  `abstract_variables` are ShapeDtypeStructs (with the shardings wanted)."""
+  manager = ocp.CheckpointManager(best_dir(workdir),
+                                  options=ocp.CheckpointManagerOptions(create=False),
+                                  item_names=("state", "loop"))
+  problems = []
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        _verify_checksums(os.path.join(best_dir(workdir), str(step)))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_variables)))
+      except Exception as e:  # pylint: disable=broad-except  (any damage: fall back)
+        problems.append(f"{step}: {type(e).__name__}: {_first_line(e)}")
+        logging.warning("Best checkpoint %s/%d unreadable (%s); trying the one before it",
+                        best_dir(workdir), step, _first_line(e))
+        continue
+      return restored.state, step
+  finally:
+    manager.close()
+  raise CheckpointError(f"{best_dir(workdir)}: no readable checkpoint ("
+                        + ("; ".join(problems) or "none saved") + ")")
 
 
 def _first_line(error: BaseException) -> str:

@@ -44,6 +44,9 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from lsmtl_jax import fileio
+from lsmtl_jax import results as results_lib
+
 FLAGS = flags.FLAGS
 RUN_CONFIG_NAME = "run_config.json"
 USAGE_NAME = "usage.json"
@@ -55,16 +58,6 @@ REFERENCE = "deep_lsmtl"
 # ----------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------
-
-
-def _set_dotted(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-  *path, leaf = dotted.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  if leaf not in node:
-    raise KeyError(f"experiment override {dotted!r}: no such config field")
-  node[leaf] = value
 
 
 def _slug(value) -> str:
@@ -83,7 +76,7 @@ def run_name(method: str, overrides: dict) -> str:
 
 def plan(base: ml_collections.ConfigDict, runs: list[dict]) -> dict[str, dict]:
   """{name: {"method", "overrides", "figures", "config"}}, duplicates merged."""
-  from lsmtl_jax import train  # pylint: disable=g-import-not-at-top  (JAX import is slow)
+  from lsmtl_jax import config_lib  # pylint: disable=g-import-not-at-top  (JAX import is slow)
   out: dict[str, dict] = {}
   for run in runs:
     overrides = dict(run.get("overrides", {}))
@@ -95,9 +88,9 @@ def plan(base: ml_collections.ConfigDict, runs: list[dict]) -> dict[str, dict]:
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = run["method"]
     config.compare_with = ()
-    config = train.resolve_method(config)
+    config = config_lib.resolve(config)
     for k, v in overrides.items():
-      _set_dotted(config, k, v)
+      config_lib.set_field(config, k, v)
     out[name] = {"method": run["method"], "overrides": overrides,
                  "figures": {f: dict(c) for f, c in run.get("figures", {}).items()},
                  "config": config}
@@ -108,22 +101,22 @@ def is_complete(run_dir: str) -> bool:
   if os.path.exists(os.path.join(run_dir, OOM_NAME)):
     return True
   return all(os.path.exists(os.path.join(run_dir, f))
-             for f in ("results.json", "genes_mae.npz", USAGE_NAME))
+             for f in (results_lib.RESULTS_NAME, results_lib.GENES_MAE_NAME, USAGE_NAME))
 
 
 def _run_child(run_dir: str) -> None:
   """Trains one run in this process (the runner's child): results, per-gene MAE,
   peak memory; an out-of-memory stop is recorded, not raised."""
+  from lsmtl_jax import memory  # pylint: disable=g-import-not-at-top
   from lsmtl_jax import train  # pylint: disable=g-import-not-at-top
-  from lsmtl_jax.methods import mtl  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   with open(os.path.join(run_dir, RUN_CONFIG_NAME)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   start = time.perf_counter()
   try:
     train.train_and_evaluate(config, run_dir)
-  except mtl.MemoryGuardError as e:
-    _write_json(os.path.join(run_dir, OOM_NAME), {
+  except memory.MemoryGuardError as e:
+    fileio.write_json(os.path.join(run_dir, OOM_NAME), {
         "message": str(e), "needed_bytes": e.needed_bytes, "limit_bytes": e.limit_bytes})
     print(f"error: {e}", file=sys.stderr)
     sys.exit(OOM_EXIT)
@@ -133,14 +126,7 @@ def _run_child(run_dir: str) -> None:
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     usage["peak_device_bytes"] = int(stats["peak_bytes_in_use"])
-  _write_json(os.path.join(run_dir, USAGE_NAME), usage)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  fileio.write_json(os.path.join(run_dir, USAGE_NAME), usage)
 
 
 def execute(planned: dict[str, dict], workdir: str, log_dir: str | None = None) -> dict:
@@ -154,7 +140,7 @@ def execute(planned: dict[str, dict], workdir: str, log_dir: str | None = None) 
       logging.info("[%d/%d] %s: complete, skipped", i + 1, len(planned), name)
       continue
     os.makedirs(run_dir, exist_ok=True)
-    _write_json(os.path.join(run_dir, RUN_CONFIG_NAME), run["config"].to_dict())
+    fileio.write_json(os.path.join(run_dir, RUN_CONFIG_NAME), run["config"].to_dict())
     logging.info("[%d/%d] %s: running", i + 1, len(planned), name)
     start = time.perf_counter()
     with open(os.path.join(run_dir, "log.txt"), "a") as log:
@@ -232,15 +218,15 @@ def _read(path: str):
 
 def collect(planned: dict[str, dict], workdir: str) -> dict[str, dict]:
   """{name: row} with results, usage and per-gene MAE of each planned run."""
-  from lsmtl_jax import train  # pylint: disable=g-import-not-at-top
+  from lsmtl_jax.methods import registry  # pylint: disable=g-import-not-at-top
   rows = {}
   for name, run in planned.items():
     run_dir = os.path.join(workdir, "runs", name)
     row = {"name": name, "method": run["method"],
-           "label": train.METHOD_NAMES[run["method"]], "figures": run["figures"],
+           "label": registry.label(run["method"]), "figures": run["figures"],
            "overrides": run["overrides"], "status": "missing"}
     oom = _read(os.path.join(run_dir, OOM_NAME))
-    results = _read(os.path.join(run_dir, "results.json"))
+    results = _read(os.path.join(run_dir, results_lib.RESULTS_NAME))
     if oom is not None:
       row.update(status="oom", oom=oom)
     elif results is not None:
@@ -250,7 +236,7 @@ def collect(planned: dict[str, dict], workdir: str) -> dict[str, dict]:
                  train_seconds=results["train_seconds"], steps=results["steps"],
                  peak_bytes=usage.get("peak_device_bytes", usage.get("peak_host_bytes")),
                  peak_kind="device" if "peak_device_bytes" in usage else "host RSS")
-      genes_path = os.path.join(run_dir, "genes_mae.npz")
+      genes_path = os.path.join(run_dir, results_lib.GENES_MAE_NAME)
       if os.path.exists(genes_path):
         with np.load(genes_path) as z:
           row["genes"] = {k: np.array(z[k]) for k in z.files}
@@ -323,7 +309,7 @@ def write_tables(workdir: str, entries: list[dict], header: str) -> None:
     writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(entries)
-  _write_json(os.path.join(workdir, "table.json"), entries)
+  fileio.write_json(os.path.join(workdir, "table.json"), entries)
 
 
 def _pyplot():
@@ -487,7 +473,7 @@ def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir:
   seconds = time.perf_counter() - start
   header = getattr(module, "TITLE", os.path.basename(config_path))
   entries = report(planned, workdir, header)
-  _write_json(os.path.join(workdir, "status.json"), {"runs": status, "seconds": seconds})
+  fileio.write_json(os.path.join(workdir, "status.json"), {"runs": status, "seconds": seconds})
   print(format_markdown(entries), flush=True)
   failed = [n for n, s in status.items() if s == "failed"]
   if failed:

@@ -1,9 +1,9 @@
 """A finished run, loaded for use: its config, dataset meta, model and best variables.
 
 `load_run(workdir)` rebuilds the regressor exactly as training did (config.json
--> resolve_method -> create_model with the padded head width) and restores the
-best checkpoint's {'params', 'batch_stats'} with Orbax, replicated over a
-data-parallel mesh of every device. `Predictor` then maps standardized
+-> config_lib.resolve -> build.build_network) and restores the best
+checkpoint's {'params', 'batch_stats'} through checkpoints.read_best (CRC
+checked), replicated over a data-parallel mesh of every device. `Predictor` then maps standardized
 landmarks to standardized targets in fixed-size batches sharded over that mesh.
 
 A run counts as finished when training wrote results.json and a best checkpoint
@@ -23,11 +23,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from lsmtl_jax import build
+from lsmtl_jax import checkpoints
+from lsmtl_jax import config_lib
 from lsmtl_jax import parallel
-from lsmtl_jax import train
+from lsmtl_jax import results as results_lib
+from lsmtl_jax.data import sources
 from lsmtl_jax.data import store
+from lsmtl_jax.methods import registry
 
 
 class RunError(ValueError):
@@ -88,16 +92,16 @@ def check_finished(workdir: str) -> tuple[dict, int]:
   """(config dict, best step) of a finished network run, or RunError saying why not."""
   if not os.path.isdir(workdir):
     raise RunError(f"{workdir}: no such run directory")
-  config_path = os.path.join(workdir, "config.json")
+  config_path = os.path.join(workdir, results_lib.CONFIG_NAME)
   if not os.path.isfile(config_path):
     raise RunError(f"{workdir}: not a run directory (no config.json); train one with "
                    "python -m lsmtl_jax.main --config=... --workdir=...")
   config = _read_json(config_path)
   method = config.get("method")
-  if method not in train.NETWORK_METHODS:
+  if method not in registry.network_names():
     raise RunError(f"{workdir}: method {method!r} has no network checkpoint to use "
-                   f"(one of {', '.join(train.NETWORK_METHODS)} is needed)")
-  if not os.path.isfile(os.path.join(workdir, "results.json")):
+                   f"(one of {', '.join(registry.network_names())} is needed)")
+  if not os.path.isfile(os.path.join(workdir, results_lib.RESULTS_NAME)):
     raise RunError(f"{workdir}: training has not finished (no results.json); let it finish "
                    "or resume it with the same python -m lsmtl_jax.main command")
   best_dir = os.path.join(workdir, "checkpoints", "best")
@@ -117,16 +121,19 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
 
 def load_run(workdir: str, devices=None) -> Run:
   """The run's dataset (for its meta and splits), regressor and best variables."""
-  config_dict, best_step = check_finished(workdir)
-  config = train.resolve_method(ml_collections.ConfigDict(config_dict))
+  config_dict, _ = check_finished(workdir)
   try:
-    dataset = train.load_dataset(config)
+    config = config_lib.resolve(ml_collections.ConfigDict(config_dict))
+  except config_lib.ConfigError as e:
+    raise RunError(f"{workdir}: {e}") from None
+  try:
+    dataset = sources.load_dataset(config)
   except store.DatasetError as e:
     raise RunError(f"{workdir}: cannot open the run's dataset: {e}") from None
-  num_padded = parallel.padded_targets(dataset.num_targets, config.mesh.target_multiple, 1)
-  regressor, _ = train.create_model(config, num_padded)
   mesh = data_mesh(devices)
+  network = build.build_network(config, dataset.num_landmarks, dataset.num_targets, mesh)
   replicated = parallel.replicated(mesh)
+  regressor = network.regressor
 
   def init(key):
     return nn.meta.unbox(regressor.init(key, jnp.zeros((1, dataset.num_landmarks)),
@@ -136,20 +143,12 @@ def load_run(workdir: str, devices=None) -> Run:
   abstract = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
   abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-  best_dir = os.path.abspath(os.path.join(workdir, "checkpoints", "best"))
-  manager = ocp.CheckpointManager(
-      best_dir, options=ocp.CheckpointManagerOptions(create=False),
-      item_names=("state", "loop"))
   try:
-    restored = manager.restore(best_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise RunError(f"{best_dir}/{best_step}: cannot restore the model ({first}); was the "
-                   "config changed after training?") from None
-  finally:
-    manager.close()
-  variables = dict(restored.state)
+    variables, best_step = checkpoints.read_best(workdir, abstract)
+  except checkpoints.CheckpointError as e:
+    raise RunError(f"cannot restore the model: {e}; was the config changed after "
+                   "training?") from None
+  variables = dict(variables)
   if not variables.get("batch_stats"):
     variables["batch_stats"] = {}
   return Run(workdir=workdir, config=config, dataset=dataset, regressor=regressor,

@@ -31,9 +31,9 @@ import time
 
 import numpy as np
 
+from lsmtl_jax import fileio
 from lsmtl_jax import inference
 from lsmtl_jax import relevance
-from lsmtl_jax import results as results_lib
 from lsmtl_jax.data import store
 
 OUT_DIR = "relevance"
@@ -109,7 +109,7 @@ def interpret(workdir: str, split: str = "val", num_samples: int = 1000,
 
   l_order, t_order = relevance.cluster_order(l_labels), relevance.cluster_order(t_labels)
   final = os.path.join(workdir, OUT_DIR)
-  with results_lib.replaced_dir(final) as tmp:
+  with fileio.atomic_dir(final) as tmp:
     arrays = {
         "relevance_matrix": (matrix, "targets", "landmarks"),
         "sample_relevance": (samples, "samples", "landmarks"),

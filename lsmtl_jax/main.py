@@ -60,7 +60,7 @@ def main(argv):
                jax.local_device_count(), jax.device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, parallel.MeshError, DatasetError) as e:
+  except (train.ConfigError, train.MemoryGuardError, parallel.MeshError, DatasetError) as e:
     _exit(2, f"error: {e}")
   except (train.NonFiniteError, CheckpointError) as e:
     _exit(1, f"error: {e}")

@@ -103,6 +103,9 @@ class TaskRelation(nn.Module):
   negative_slope: float = 0.2
   dtype: Any = jnp.float32
 
+  def dummy_inputs(self, num_landmarks: int, num_targets: int):
+    return (jnp.zeros((1, num_targets)),)
+
   @nn.compact
   def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
     z = _dense(self.bottleneck, ("targets", "bottleneck"), self.dtype, "encode")(u)

@@ -7,22 +7,20 @@ Writes WORKDIR/report/ (built in a temporary directory, then renamed):
   cc_histogram.png      distribution of per-gene CC, validation and test
   scatter.png           predicted vs measured on test for the best, median and
                         worst gene by test CC
-  training_curves.png   losses and validation MAE/CC from WORKDIR/tensorboard
-                        (or the final numbers of results.json when there are
-                        no event files)
+  training_curves.png   losses and validation MAE/CC from WORKDIR/metrics.jsonl
+                        (or the final numbers of results.json when there is
+                        no such log)
   report.html           one page linking all of the above
 
-The per-gene numbers are recomputed from the best checkpoint and the dataset
-(float64 sums on the host), so the report does not depend on what training
-happened to log.
+The per-gene numbers are those of training's final evaluation of the best
+checkpoint (WORKDIR/gene_stats.npz: the per-gene sums evaluation.py keeps), so
+the report and results.json agree by construction.
 """
 
 from __future__ import annotations
 
-import glob
 import html
 import os
-import struct
 import sys
 from typing import Any
 
@@ -30,9 +28,11 @@ import numpy as np
 
 from lsmtl_jax import inference
 from lsmtl_jax import metrics
+from lsmtl_jax import fileio
 from lsmtl_jax import results as results_lib
-from lsmtl_jax import train
+from lsmtl_jax.data import sources
 from lsmtl_jax.data import store
+from lsmtl_jax.methods import registry
 
 REPORT_DIR = "report"
 GENES_NAME = "genes.tsv"
@@ -42,44 +42,20 @@ SCATTER_MAX_ROWS = 2000  # profiles shown in the scatter plots
 READ_ROWS = 512
 
 
-def split_statistics(run: inference.Run, dataset: store.Dataset, indices: np.ndarray,
-                     predictor: inference.Predictor) -> dict[str, np.ndarray]:
-  """Per-gene float64 sums (metrics.STAT_NAMES) of the best model on `indices`."""
-  lm = run.num_landmarks
-  stats = {k: np.zeros(run.num_targets) for k in metrics.STAT_NAMES}
-  for start in range(0, len(indices), READ_ROWS):
-    rows = dataset.read_rows(indices[start:start + READ_ROWS])
-    y = rows[:, lm:].astype(np.float64)
-    p = predictor(rows[:, :lm]).astype(np.float64)
-    stats["n"] += len(rows)
-    stats["sum_y"] += y.sum(0)
-    stats["sum_p"] += p.sum(0)
-    stats["sum_yy"] += (y * y).sum(0)
-    stats["sum_pp"] += (p * p).sum(0)
-    stats["sum_yp"] += (y * p).sum(0)
-    stats["sum_abs"] += np.abs(y - p).sum(0)
-  return stats
-
-
-def gene_metrics(run: inference.Run, predictor: inference.Predictor | None = None,
-                 splits=("val", "test")) -> dict[str, dict[str, np.ndarray]]:
-  """{split: {'mae', 'cc', 'mae_expression', 'constant'}} per target gene.
-
-  Validation and test come from where training took them (splits of the
-  training dataset, or data.val_path / data.test_path for cross-platform runs).
-  """
-  predictor = predictor or inference.Predictor(run, run.config.train.eval_batch_size)
-  try:
-    data = train.load_data(run.config)
-  except store.DatasetError as e:
-    raise inference.RunError(f"{run.workdir}: cannot open the run's evaluation data: {e}") from None
+def gene_metrics(run: inference.Run, splits=("val", "test")) -> dict[str, dict[str, np.ndarray]]:
+  """{split: {'mae', 'cc', 'mae_expression', 'constant'}} per target gene, from
+  the per-gene sums of training's final evaluation (validation and test as
+  training took them, cross-platform runs included)."""
+  stats = results_lib.read_gene_stats(run.workdir)
+  if stats is None or any(name not in stats for name in splits):
+    raise inference.RunError(f"{run.workdir}: no {results_lib.GENE_STATS_NAME} with "
+                             f"{', '.join(splits)} statistics; the run did not finish its "
+                             "final evaluation")
   scale, offset = run.target_scale_and_offset()
   out = {}
   for name in splits:
-    eval_set = data.eval_sets[name]
-    stats = split_statistics(run, eval_set.dataset, eval_set.indices, predictor)
-    genes = metrics.per_gene(stats)
-    genes["mae_expression"] = metrics.per_gene(metrics.affine(stats, scale, offset))["mae"]
+    genes = metrics.per_gene(stats[name])
+    genes["mae_expression"] = metrics.per_gene(metrics.affine(stats[name], scale, offset))["mae"]
     out[name] = genes
   return out
 
@@ -105,46 +81,10 @@ def read_genes_tsv(path: str) -> dict[str, np.ndarray | list[str]]:
           for k, v in cols.items()}
 
 
-def validation_metrics(run: inference.Run, predictor=None) -> dict[str, np.ndarray]:
-  """Per-target validation CC and MAE (z and expression units), from the run's
-  report/genes.tsv when it matches the run's targets, else computed now."""
-  path = os.path.join(run.workdir, REPORT_DIR, GENES_NAME)
-  if os.path.isfile(path):
-    cols = read_genes_tsv(path)
-    if cols.get("gene_id") == run.target_ids:
-      return {"cc": cols["val_cc"], "mae": cols["val_mae"],
-              "mae_expression": cols["val_mae_expression"]}
-  genes = gene_metrics(run, predictor, splits=("val",))["val"]
+def validation_metrics(run: inference.Run) -> dict[str, np.ndarray]:
+  """Per-target validation CC and MAE (z and expression units) of the run."""
+  genes = gene_metrics(run, splits=("val",))["val"]
   return {"cc": genes["cc"], "mae": genes["mae"], "mae_expression": genes["mae_expression"]}
-
-
-# Training curves from TensorBoard event files (TFRecord framing of Event protos).
-
-
-def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{tag: (steps, values)} of every scalar in the event files under `logdir`."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  series: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      body = data[pos + 12:pos + 12 + length]
-      pos += 12 + length + 4
-      if len(body) < length:  # a record cut short by a crash mid-write
-        break
-      event = event_pb2.Event()
-      try:
-        event.ParseFromString(body)
-      except Exception:  # pylint: disable=broad-except
-        break
-      for value in event.summary.value:
-        if value.HasField("simple_value"):
-          series.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
-  return {tag: (np.array(sorted(s)), np.array([s[k] for k in sorted(s)]))
-          for tag, s in series.items()}
 
 
 # Figures.
@@ -181,7 +121,10 @@ def pick_genes(cc: np.ndarray) -> dict[str, int]:
 
 
 def plot_scatter(path: str, run: inference.Run, predictor, genes: dict) -> dict[str, int]:
-  data = train.load_data(run.config)
+  try:
+    data = sources.load_data(run.config)
+  except store.DatasetError as e:
+    raise inference.RunError(f"{run.workdir}: cannot open the run's evaluation data: {e}") from None
   eval_set = data.eval_sets["test"]
   picks = pick_genes(genes["test"]["cc"])
   cols = np.array(list(picks.values()))
@@ -212,11 +155,13 @@ def plot_scatter(path: str, run: inference.Run, predictor, genes: dict) -> dict[
 
 
 def plot_training_curves(path: str, workdir: str) -> str:
-  """Returns where the numbers came from: 'tensorboard' or 'results.json'."""
-  scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+  """Returns where the numbers came from: the scalars log or 'results.json'."""
+  scalars = results_lib.read_scalars(workdir) or {}
   plt = _pyplot()
-  panels = [("loss", ["train/loss", "train/task_loss", "train/rec_loss"]),
-            ("validation MAE", ["val/mae"]), ("validation CC", ["val/cc"])]
+  losses = sorted(tag for tag in scalars
+                  if tag.startswith("train/") and tag.split("/")[1] not in (
+                      "grad_norm", "examples_per_sec", "mfu"))
+  panels = [("loss", losses), ("validation MAE", ["val/mae"]), ("validation CC", ["val/cc"])]
   if any(tag in scalars for _, tags in panels for tag in tags):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (title, tags) in zip(axes, panels):
@@ -227,13 +172,13 @@ def plot_training_curves(path: str, workdir: str) -> str:
       ax.set_title(title)
       ax.set_xlabel("step")
       ax.legend(fontsize=8)
-    source = "tensorboard"
+    source = results_lib.SCALARS_NAME
   else:
     results = results_lib.read_results(workdir) or {"splits": {}}
     fig, ax = plt.subplots(figsize=(6, 3.8))
     names = [s for s in ("val", "test") if s in results["splits"]]
     ax.bar(names, [results["splits"][s]["mae_mean"] for s in names])
-    ax.set_title("no TensorBoard events: final MAE from results.json")
+    ax.set_title(f"no {results_lib.SCALARS_NAME}: final MAE from results.json")
     source = "results.json"
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -256,7 +201,7 @@ def _html(run: inference.Run, genes: dict, picks: dict, curves_source: str) -> s
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 img{{max-width:100%;border:1px solid #eee}}</style></head><body>
-<h1>{html.escape(train.METHOD_NAMES.get(run.config.method, run.config.method))} run
+<h1>{html.escape(registry.label(run.config.method))} run
 {html.escape(os.path.abspath(run.workdir))}</h1>
 <p>Best checkpoint: step {run.best_step} of {results.get('steps', '?')};
 {run.num_landmarks} landmarks, {run.num_targets} targets.
@@ -278,9 +223,9 @@ def write_report(workdir: str, run: inference.Run | None = None) -> str:
   """Builds WORKDIR/report/ and returns its path; an existing report is replaced."""
   run = run or inference.load_run(workdir)
   predictor = inference.Predictor(run, run.config.train.eval_batch_size)
-  genes = gene_metrics(run, predictor)
+  genes = gene_metrics(run)
   final = os.path.join(workdir, REPORT_DIR)
-  with results_lib.replaced_dir(final) as tmp:
+  with fileio.atomic_dir(final) as tmp:
     write_genes_tsv(os.path.join(tmp, GENES_NAME), run, genes)
     plot_cc_histogram(os.path.join(tmp, "cc_histogram.png"), genes)
     picks = plot_scatter(os.path.join(tmp, "scatter.png"), run, predictor, genes)

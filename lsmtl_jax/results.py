@@ -1,39 +1,24 @@
-"""One results format for every method: `results.json` in the run's workdir."""
+"""A run's workdir files: one results format for every method (results.json),
+per-gene MAE, and the scalars log."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from typing import Any, Iterator
 
-RESULTS_NAME = "results.json"
+import numpy as np
 
+from lsmtl_jax import fileio
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)
+# The files of a run's workdir that other commands read.
+CONFIG_NAME = "config.json"  # the resolved config the run was started with
+RESULTS_NAME = "results.json"  # metrics of the final evaluation (format below)
+GENES_MAE_NAME = "genes_mae.npz"  # per-gene test/val MAE, for gene-wise comparisons
+GENE_STATS_NAME = "gene_stats.npz"  # per-gene sums of the final evaluation (metrics.py)
+SCALARS_NAME = "metrics.jsonl"  # training and validation scalars, one JSON object a line
 
-
-@contextlib.contextmanager
-def replaced_dir(final: str) -> Iterator[str]:
-  """Yields a temporary sibling of `final`; on success it replaces `final`,
-  on any error it is removed, so a half-written folder is never left there."""
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-",
-                         dir=os.path.dirname(os.path.abspath(final)))
-  try:
-    yield tmp
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+write_json_atomic = fileio.write_json
+write_text_atomic = fileio.write_text
 
 
 def write_results(workdir: str, *, method: str, config: dict, steps: int,
@@ -73,3 +58,69 @@ def format_table(rows: list[dict]) -> str:
         f"{t['cc_mean']:.4f} ± {t['cc_std']:.4f} | {v['mae_mean']:.4f} | "
         f"{v['cc_mean']:.4f} | {r['steps']} | {r['train_seconds']:.1f} |")
   return "\n".join(lines)
+
+
+def write_genes_mae(workdir: str, mae: dict[str, np.ndarray]) -> None:
+  """WORKDIR/genes_mae.npz: per-gene MAE (standardized units) of each split
+  ({split: MAE}), for the gene-wise comparisons of experiments.py."""
+  arrays = {f"{name}_mae": values for name, values in mae.items()}
+  with fileio.atomic_file(os.path.join(workdir, GENES_MAE_NAME), ".npz") as tmp:
+    np.savez(tmp, **arrays)
+
+
+def write_gene_stats(workdir: str, gene_stats: dict[str, dict[str, np.ndarray]]) -> None:
+  """WORKDIR/gene_stats.npz: {split: {sum name: per-gene float64 array}} of
+  the final evaluation, stored as '<split>/<sum name>'."""
+  arrays = {f"{split}/{name}": np.asarray(v, np.float64)
+            for split, stats in gene_stats.items() for name, v in stats.items()}
+  with fileio.atomic_file(os.path.join(workdir, GENE_STATS_NAME), ".npz") as tmp:
+    np.savez(tmp, **arrays)
+
+
+def read_gene_stats(workdir: str) -> dict[str, dict[str, np.ndarray]] | None:
+  path = os.path.join(workdir, GENE_STATS_NAME)
+  if not os.path.exists(path):
+    return None
+  out: dict[str, dict[str, np.ndarray]] = {}
+  with np.load(path) as f:
+    for key in f.files:
+      split, name = key.split("/", 1)
+      out.setdefault(split, {})[name] = f[key]
+  return out
+
+
+class ScalarLines:
+  """Appends {"step": N, name: value, ...} lines to WORKDIR/metrics.jsonl. A
+  resumed run appends again from its checkpoint, so a step may appear twice:
+  readers keep the last record of each (step, name)."""
+
+  def __init__(self, workdir: str):
+    self._file = open(os.path.join(workdir, SCALARS_NAME), "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in
+                                                       scalars.items()}}) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def read_scalars(workdir: str) -> dict[str, tuple[list[int], list[float]]] | None:
+  """{name: (steps, values)} sorted by step from metrics.jsonl; None if absent.
+  A torn last line (a killed writer) is ignored."""
+  path = os.path.join(workdir, SCALARS_NAME)
+  if not os.path.exists(path):
+    return None
+  latest: dict[str, dict[int, float]] = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      step = record.pop("step")
+      for name, value in record.items():
+        latest.setdefault(name, {})[step] = value
+  return {name: (sorted(points), [points[s] for s in sorted(points)])
+          for name, points in latest.items()}

@@ -39,12 +39,11 @@ def test_genewise_fraction():
 
 EXPERIMENT = textwrap.dedent("""
     from configs import tiny
-    from lsmtl_jax.methods import defaults
 
     TITLE = "tiny"
 
     def get_config():
-      config = defaults.add_defaults(tiny.get_config())
+      config = tiny.get_config()
       config.data.cache_dir = {cache!r}
       config.train.num_steps = 8
       return config

@@ -13,10 +13,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lsmtl_jax import build
+from lsmtl_jax import config_lib
+from lsmtl_jax import memory
 from lsmtl_jax import models
 from lsmtl_jax import objectives
 from lsmtl_jax import train
-from lsmtl_jax.methods import defaults
+from lsmtl_jax.data import sources
 from lsmtl_jax.methods import knn
 from lsmtl_jax.methods import lasso
 from lsmtl_jax.methods import linear
@@ -26,7 +29,7 @@ from lsmtl_jax.methods import semigan
 
 def _tiny(cache_dir, method, steps=24):
   from configs import tiny
-  config = defaults.add_defaults(tiny.get_config())
+  config = tiny.get_config()
   config.data.cache_dir = str(cache_dir)
   config.method = method
   config.train.num_steps = steps
@@ -229,25 +232,25 @@ def test_semigan_unlabeled_rows_are_a_fixed_fraction():
 
 def _full_size_amtl():
   from configs import default
-  config = train.resolve_method(default.get_config())
+  config = default.get_config()
   config.method = "amtl"
-  return train.resolve_method(config)
+  return config_lib.resolve(config)
 
 
 def test_amtl_memory_guard_fires_when_b_cannot_fit():
   config = _full_size_amtl()
-  num_t, num_l = 9600, 943  # 9,520 targets padded to a multiple of 128
-  regressor, relation = train.create_model(config, num_t)
-  init = lambda: train.init_variables(jax.random.PRNGKey(0), regressor, relation, num_l, num_t)[0]
-  width = num_l + 3 * 9000
-  estimate = mtl.estimate_training_bytes(config, init, num_t, width)
-  assert estimate["bytes"] >= 4 * 4 * num_t**2  # B, its gradient and two Adam moments
+  num_t, num_l = 9520, 943  # 9,520 targets are padded to 9,600, a multiple of 128
+  network = build.build_network(config, num_l, num_t)
+  assert network.num_padded == 9600
+  no_plan = lambda network: None  # arithmetic only: no compile of the full-size step
+  estimate = memory.estimate_training_bytes(network)
+  assert estimate["bytes"] >= 4 * 4 * 9600**2  # B, its gradient and two Adam moments
   config.memory.limit_gb = 12.0  # the paper's 12 GB GPU
-  with pytest.raises(mtl.MemoryGuardError, match=r"out of memory: Deep-AMTL needs about .* GiB"
+  with pytest.raises(memory.MemoryGuardError, match=r"out of memory: Deep-AMTL needs about .* GiB"
                      r".*9,600 x 9,600"):
-    mtl.check_memory(config, init, num_t, width, "Deep-AMTL")
+    memory.check_memory(network, plan=no_plan)
   config.memory.limit_gb = estimate["bytes"] / 2**30 * 1.01
-  assert mtl.check_memory(config, init, num_t, width, "Deep-AMTL") == estimate
+  assert memory.check_memory(network, plan=no_plan) == estimate
 
 
 @pytest.mark.parametrize("method", ["amtl", "deep_lsmtl", "cnmtl"])
@@ -255,33 +258,31 @@ def test_guard_uses_xla_plan_of_the_compiled_step(method):
   """The guard's figure is XLA's buffer plan of the real train step, compiled on
   shapes only; checked against a count of the state it must hold."""
   from configs import tiny
-  config = train.resolve_method(tiny.get_config())
+  config = tiny.get_config()
   config.method = method
-  config = train.resolve_method(config)
+  config = config_lib.resolve(config)
   config.model.hidden, config.train.batch_size = 64, 64
   num_l, num_t = 48, 1024  # a multiple of 128: no padding
-  plan = train.compiled_step_memory(config, num_l, num_t)
-  regressor, relation = train.create_model(config, num_t)
-  init = lambda: train.init_variables(jax.random.PRNGKey(0), regressor, relation, num_l, num_t)[0]
+  network = build.build_network(config, num_l, num_t)
+  plan = memory.compiled_step_memory(network)
   num_params = sum(x.size for x in jax.tree.leaves(
-      nn.meta.unbox(jax.eval_shape(init))))
+      nn.meta.unbox(jax.eval_shape(network.init_params_fn()))))
   param_bytes = 4 * num_params
   assert plan["argument"] >= 3 * param_bytes  # parameters and two Adam moments
   assert plan["alias"] >= 3 * param_bytes  # ... donated: updated in place
   assert plan["peak"] >= 4 * param_bytes  # + every gradient (the global norm needs all)
-  width = models.trunk_output_width(config.model, num_l)
   config.memory.limit_gb = plan["peak"] * 0.99 / 2**30
-  with pytest.raises(mtl.MemoryGuardError, match="out of memory"):
-    mtl.check_memory(config, init, num_t, width, method, plan=lambda: plan["peak"])
+  with pytest.raises(memory.MemoryGuardError, match="out of memory"):
+    memory.check_memory(network, plan=lambda network: plan["peak"])
   config.memory.limit_gb = plan["peak"] * 1.01 / 2**30
-  used = mtl.check_memory(config, init, num_t, width, method, plan=lambda: plan["peak"])
+  used = memory.check_memory(network, plan=lambda network: plan["peak"])
   assert used["bytes"] == plan["peak"] and used["num_params"] == num_params
 
 
 def test_guard_stops_a_run_before_it_allocates(cache, tmp_path):
   config = _tiny(cache, "amtl")
   config.memory.limit_gb = 1e-4  # ~100 KB: the tiny B (128 x 128) and trunk do not fit
-  with pytest.raises(mtl.MemoryGuardError, match="out of memory"):
+  with pytest.raises(memory.MemoryGuardError, match="out of memory"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
   assert not os.path.exists(tmp_path / "results.json")
@@ -294,11 +295,11 @@ def test_guard_stops_a_run_before_it_allocates(cache, tmp_path):
 
 def _initial_val_mae(config, dataset):
   """Val MAE of the untrained model the run starts from (same seed)."""
-  config = train.resolve_method(config)
-  num_padded = 128
-  regressor, relation = train.create_model(config, num_padded)
+  config = config_lib.resolve(config)
+  network = build.build_network(config, dataset.num_landmarks, dataset.num_targets)
+  regressor, num_padded = network.regressor, network.num_padded
   init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  params, batch_stats = train.init_variables(init_key, regressor, relation,
+  params, batch_stats = build.init_variables(init_key, regressor, network.extras,
                                              dataset.num_landmarks, num_padded)
   import flax.linen as nn
   variables = nn.meta.unbox({"params": params["regressor"], "batch_stats": batch_stats})
@@ -313,7 +314,7 @@ def _initial_val_mae(config, dataset):
 def test_every_network_method_improves_validation(cache, tmp_path, method):
   config = _tiny(cache, method)
   results = train.train_and_evaluate(config, str(tmp_path))
-  dataset = train.load_dataset(train.resolve_method(config))
+  dataset = sources.load_dataset(config_lib.resolve(config))
   before = _initial_val_mae(config, dataset)
   after = results["splits"]["val"]["mae_mean"]
   assert after < before - 0.02, (method, before, after)
@@ -325,7 +326,7 @@ def test_every_network_method_improves_validation(cache, tmp_path, method):
     clusters = np.asarray(state.batch_stats["clusters"])
     assert clusters.shape == (128,) and not np.array_equal(clusters, np.arange(128) % 10)
   if method == "amtl":
-    assert state.params["relation"]["raw"].shape == (128, 128)
+    assert state.params[mtl.TRANSFER]["raw"].shape == (128, 128)
 
 
 def test_non_network_methods_write_results_and_genes(cache, tmp_path):

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsmtl_jax import build
+from lsmtl_jax import config_lib
 from lsmtl_jax import metrics
-from lsmtl_jax import train
+from lsmtl_jax import steps
 
 L, T, B = 24, 40, 32
 
@@ -31,11 +33,10 @@ def _config(dtype):
 
 def _setup(dtype):
   c = _config(dtype)
-  regressor, relation = train.create_model(c, T)
-  state, _ = train.create_train_state(jax.random.PRNGKey(0), regressor, relation, L, T,
-                                      train.create_optimizer(c, 100))
-  kw = dict(regressor=regressor, relation=relation, config=c, base_key=jax.random.PRNGKey(1))
-  return c, regressor, state, kw
+  c.mesh.target_multiple = 1
+  net = build.build_network(config_lib.resolve(c), L, T)
+  state, _ = net.create_state(jax.random.PRNGKey(0), build.create_optimizer(c, 100))
+  return c, net.regressor, state, net.step_kwargs(jax.random.PRNGKey(1))
 
 
 def _batch(seed=0):
@@ -77,14 +78,14 @@ def test_bfloat16_keeps_float32_parameters_and_optimizer_state():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_every_matmul_of_the_train_step_runs_in_the_configured_dtype(dtype):
   _, _, state, kw = _setup(dtype)
-  jaxpr = jax.make_jaxpr(functools.partial(train.loss_and_gradients, **kw))(state, _batch())
+  jaxpr = jax.make_jaxpr(functools.partial(steps.loss_and_gradients, **kw))(state, _batch())
   dots = _dots(jaxpr.jaxpr, [])
   # Forward: 2 trunk blocks + head + encode + decode; backward: two per forward dot
   # (the input's gradient is not needed for the first block's input x).
   assert len(dots) >= 5 * 2
   assert all(ins == (dtype, dtype) and out == dtype for ins, out in dots), dots
   grads, batch_stats, step_metrics = jax.eval_shape(
-      functools.partial(train.loss_and_gradients, **kw), state, _batch())
+      functools.partial(steps.loss_and_gradients, **kw), state, _batch())
   for leaf in jax.tree.leaves((grads, batch_stats)):
     assert leaf.dtype == jnp.float32
   for name, value in step_metrics.items():
@@ -104,8 +105,8 @@ def test_predictions_loss_and_gradients_agree_with_float32():
   assert y16.dtype == jnp.float32
   assert _rel(y16, y32) <= 2e-2
 
-  g16, _, m16 = jax.jit(functools.partial(train.loss_and_gradients, **kw16))(state16, batch)
-  g32, _, m32 = jax.jit(functools.partial(train.loss_and_gradients, **kw32))(state32, batch)
+  g16, _, m16 = jax.jit(functools.partial(steps.loss_and_gradients, **kw16))(state16, batch)
+  g32, _, m32 = jax.jit(functools.partial(steps.loss_and_gradients, **kw32))(state32, batch)
   assert abs(float(m16["loss"]) - float(m32["loss"])) <= 2e-2 * float(m32["loss"])
   flat16 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g16)])
   flat32 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
@@ -118,13 +119,13 @@ def test_training_and_metrics_track_float32():
   finals, stats = {}, {}
   for dtype in ("bfloat16", "float32"):
     _, reg, state, kw = _setup(dtype)
-    step = jax.jit(functools.partial(train.train_step, **kw))
+    step = jax.jit(functools.partial(steps.train_step, **kw))
     for i in range(20):
       state, m = step(state, _batch(i % 4))
     finals[dtype] = float(m["loss"])
     variables = {"params": state.params["regressor"], "batch_stats": state.batch_stats}
     batch = dict(_batch(99), weight=jnp.ones((B,), jnp.float32))
-    s = train.eval_stats_step(variables, metrics.zeros(T), batch, regressor=reg)
+    s = steps.eval_stats_step(variables, metrics.zeros(T), batch, regressor=reg)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(s))
     stats[dtype] = s
   assert np.isfinite(finals["bfloat16"])

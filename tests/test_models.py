@@ -8,7 +8,7 @@ import pytest
 
 from lsmtl_jax import models
 from lsmtl_jax import perf
-from lsmtl_jax import train
+from lsmtl_jax.methods import deep_lsmtl
 
 L, T, H, DEPTH = 11, 13, 7, 3
 
@@ -122,11 +122,11 @@ def test_relation_absent_when_lambda_zero():
   from configs import default
   c = default.get_config()
   c.lsmtl.lam = 0.0
-  _, relation = train.create_model(c, T)
-  assert relation is None
+  _, extras = deep_lsmtl.build(c, T, jnp.float32)
+  assert extras == {}
   c.lsmtl.lam = 0.1
-  _, relation = train.create_model(c, T)
-  assert relation.bottleneck == c.lsmtl.bottleneck
+  _, extras = deep_lsmtl.build(c, T, jnp.float32)
+  assert extras[deep_lsmtl.TASK_RELATION].bottleneck == c.lsmtl.bottleneck
 
 
 @pytest.mark.parametrize("bad", [dict(trunk="cnn")])

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsmtl_jax import build
+from lsmtl_jax import config_lib
 from lsmtl_jax import models
 from lsmtl_jax import objectives
-from lsmtl_jax import train
+from lsmtl_jax import steps
 
 B, T, K = 6, 10, 3
 
@@ -113,15 +115,15 @@ def _step_grads(lam, stop_gradient_target=False):
   c = default.get_config()
   c.model.hidden, c.model.depth, c.lsmtl.bottleneck = 8, 2, K
   c.lsmtl.lam, c.lsmtl.mask_rate, c.lsmtl.stop_gradient_target = lam, 0.3, stop_gradient_target
+  c.mesh.target_multiple = 1
   num_l = 5
-  reg, rel = train.create_model(c, T)
-  state, _ = train.create_train_state(jax.random.PRNGKey(0), reg, rel, num_l, T,
-                                      train.create_optimizer(c, 10))
+  net = build.build_network(config_lib.resolve(c), num_l, T)
+  state, _ = net.create_state(jax.random.PRNGKey(0), build.create_optimizer(c, 10))
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.normal(size=(B, num_l)), jnp.float32),
            "y": jnp.asarray(rng.normal(size=(B, T)), jnp.float32)}
-  grads, _, metrics = train.loss_and_gradients(
-      state, batch, regressor=reg, relation=rel, config=c, base_key=jax.random.PRNGKey(1))
+  grads, _, metrics = steps.loss_and_gradients(state, batch,
+                                               **net.step_kwargs(jax.random.PRNGKey(1)))
   return grads, metrics
 
 
@@ -131,12 +133,12 @@ def test_gradients_reach_trunk_head_and_bottleneck():
   norms = lambda tree: [float(jnp.abs(x).max()) for x in jax.tree.leaves(tree)]
   assert min(norms(grads["regressor"]["trunk"]["block0_dense"])) > 0
   assert min(norms(grads["regressor"]["head"])) > 0
-  assert min(norms(grads["relation"])) > 0
+  assert min(norms(grads["task_relation"])) > 0
 
 
 def test_lambda_zero_is_the_plain_densenet_loss():
   grads0, metrics0 = _step_grads(lam=0.0)
-  assert "relation" not in grads0
+  assert "task_relation" not in grads0
   assert float(metrics0["rec_loss"]) == 0.0
   np.testing.assert_allclose(float(metrics0["loss"]), float(metrics0["task_loss"]))
   # The regularizer changes the head's gradient when lam > 0 and the target is live.

@@ -16,6 +16,7 @@ from lsmtl_jax import inference
 from lsmtl_jax import metrics
 from lsmtl_jax import parallel
 from lsmtl_jax import predict
+from lsmtl_jax import steps
 from lsmtl_jax import train
 from lsmtl_jax.data import formats
 
@@ -80,10 +81,10 @@ def test_predictions_equal_the_evaluation_path(run, val, tmp_path):
   np.testing.assert_array_equal(got[:, :run.num_landmarks], z_lm)
   p = got[:, run.num_landmarks:]
 
-  # The evaluation path: train.eval_stats_step over the split, on the best variables.
+  # The evaluation path: steps.eval_stats_step over the split, on the best variables.
   mesh = run.mesh
   regressor = run.regressor
-  stats_step = jax.jit(lambda s, b: train.eval_stats_step(run.variables, s, b,
+  stats_step = jax.jit(lambda s, b: steps.eval_stats_step(run.variables, s, b,
                                                           regressor=regressor))
   init = jax.jit(lambda: metrics.zeros(regressor.num_targets))
   summary, stats = evaluation.evaluate(run.dataset, run.dataset.split("val"), 16, stats_step,

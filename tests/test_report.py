@@ -13,6 +13,7 @@ import pytest
 
 from lsmtl_jax import inference
 from lsmtl_jax import report
+from lsmtl_jax import results as results_lib
 
 from conftest import REPO
 from test_predict import trained_run
@@ -65,13 +66,13 @@ def test_report_html_links_every_figure(built):
   for name in report.FIGURES:
     with open(os.path.join(out, name), "rb") as f:
       assert f.read(8) == PNG
-  assert "Training curves (from tensorboard)" in page
+  assert "Training curves (from metrics.jsonl)" in page
   assert not [d for d in os.listdir(workdir) if d.startswith("report.tmp")]
 
 
-def test_event_files_are_parsed(built):
+def test_scalars_log_is_read(built):
   workdir, _ = built
-  scalars = report.read_scalars(os.path.join(workdir, "tensorboard"))
+  scalars = results_lib.read_scalars(workdir)
   steps, loss = scalars["train/loss"]
   np.testing.assert_array_equal(steps, [4, 8, 12, 16])  # log_every = 4, 16 steps
   assert np.isfinite(loss).all()
@@ -81,6 +82,15 @@ def test_event_files_are_parsed(built):
   best = results["best_step"]
   assert mae[list(steps).index(best)] == pytest.approx(results["splits"]["val"]["mae_mean"],
                                                        rel=1e-5)
+
+
+def test_scalars_log_keeps_the_last_record_of_a_step_and_skips_a_torn_line(tmp_path):
+  # A resumed run logs the replayed steps again; a killed writer leaves half a line.
+  (tmp_path / results_lib.SCALARS_NAME).write_text(
+      '{"step": 4, "train/loss": 2.0}\n{"step": 8, "train/loss": 1.5}\n'
+      '{"step": 8, "train/loss": 1.25, "val/mae": 0.5}\n{"step": 12, "train/lo')
+  scalars = results_lib.read_scalars(str(tmp_path))
+  assert scalars == {"train/loss": ([4, 8], [2.0, 1.25]), "val/mae": ([8], [0.5])}
 
 
 def test_curves_fall_back_to_results_without_events(built, tmp_path):

@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
-from lsmtl_jax.methods import defaults  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TITLE = ("Demo comparison: synthetic compendium, 9,520 targets, 2 x 256 trunks, 200 steps; "
          "standardized units, 800 test profiles")
@@ -27,7 +26,7 @@ LSMTL = {**TRUNK, "model.dropout": 0.1, "lsmtl.lam": 0.1, "lsmtl.mask_rate": 0.1
 
 
 def get_config():
-  config = defaults.add_defaults(demo.get_config())
+  config = demo.get_config()
   config.compare_with = ()
   config.model.depth, config.model.hidden = 2, 256
   config.lsmtl.bottleneck = 128

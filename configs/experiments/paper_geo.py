@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import geo  # noqa: E402  pylint: disable=g-import-not-at-top
-from lsmtl_jax.methods import defaults  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TITLE = "GEO (80/10/10): test and validation on held-out GEO profiles, standardized units"
 
@@ -31,7 +30,7 @@ LSMTL = {"model.dropout": 0.1, "lsmtl.lam": 0.1, "lsmtl.mask_rate": 0.1,
 
 
 def get_config():
-  config = defaults.add_defaults(geo.get_config())
+  config = geo.get_config()
   config.compare_with = ()
   config.memory.limit_gb = 0.0
   config.lsr_l1.alphas = (1e-4, 1e-3, 1e-2, 3e-2)

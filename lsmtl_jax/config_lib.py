@@ -1,0 +1,143 @@
+"""A run's config: method sections and fixed settings applied once, checks,
+and the fingerprint that ties a workdir's checkpoints to the config.
+
+Entry points (train.train_and_evaluate, inference, the benchmark, the
+experiment runner) call `resolve` once; everything below them takes a
+resolved config and never fills in defaults again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from lsmtl_jax.methods import registry
+
+Config = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config value out of range; the message names the field."""
+
+
+def with_method_sections(config: Config) -> Config:
+  """Adds each method's own section (with its defaults) that `config` lacks,
+  so any of them can be overridden on the command line and older configs
+  (a workdir's config.json) keep working."""
+  for section, fields in registry.sections().items():
+    if section not in config:
+      config[section] = ml_collections.ConfigDict(fields)
+    else:
+      for name, value in fields.items():
+        if name not in config[section]:
+          config[section][name] = value
+  if "memory" not in config:  # configs written before the memory guard existed
+    config.memory = ml_collections.ConfigDict({"limit_gb": 0.0})
+  return config
+
+
+def set_field(config: Config, dotted: str, value: Any) -> None:
+  """config[a][b]... = value for 'a.b...'; an unknown field is a ConfigError."""
+  *path, leaf = dotted.split(".")
+  node = config
+  for part in path:
+    if part not in node:
+      raise ConfigError(f"config: no such field {dotted!r}")
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(f"config: no such field {dotted!r}")
+  node[leaf] = value
+
+
+def get_field(config: Config, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def resolve(config: Config) -> Config:
+  """A copy of `config` with the method's sections and fixed settings applied."""
+  config = with_method_sections(ml_collections.ConfigDict(config.to_dict()))
+  try:
+    method = registry.get(config.method)
+  except registry.UnknownMethodError as e:
+    raise ConfigError(f"config: {e.args[0]}") from None
+  for dotted, value in method.fixed.items():
+    set_field(config, dotted, value)
+  return config
+
+
+_CHOICES = {
+    "model.trunk": ("densenet", "mlp"),
+    "model.activation": ("tanh", "relu", "leaky_relu", "sigmoid", "gelu", "elu", "silu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "lsmtl.mask_per": ("example", "batch"),
+    "loss.task": ("mse", "mae"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "optim.schedule": ("constant", "cosine", "warmup_cosine"),
+    "train.nonfinite": ("stop", "skip"),
+}
+
+
+def _checks(config: Config):
+  for field, choices in _CHOICES.items():
+    value = get_field(config, field)
+    yield value in choices, f"{field} must be one of {list(choices)}, got {value!r}"
+  m, lsmtl, t = config.model, config.lsmtl, config.train
+  yield m.hidden > 0, f"model.hidden must be positive, got {m.hidden}"
+  yield m.depth >= 1, f"model.depth must be at least 1, got {m.depth}"
+  yield 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}"
+  yield lsmtl.lam >= 0, f"lsmtl.lam must be >= 0, got {lsmtl.lam}"
+  yield lsmtl.bottleneck > 0, f"lsmtl.bottleneck must be positive, got {lsmtl.bottleneck}"
+  yield 0 <= lsmtl.mask_rate < 1, f"lsmtl.mask_rate must be in [0, 1), got {lsmtl.mask_rate}"
+  yield (config.optim.learning_rate > 0,
+         f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
+  for name in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every",
+               "patience"):
+    yield t[name] > 0, f"train.{name} must be positive, got {t[name]}"
+  yield (t.num_steps > 0 or t.num_epochs > 0,
+         "train.num_steps or train.num_epochs must be positive")
+  yield config.lsr.ridge >= 0, f"lsr.ridge must be >= 0, got {config.lsr.ridge}"
+  yield (config.memory.limit_gb >= 0,
+         f"memory.limit_gb must be >= 0, got {config.memory.limit_gb}")
+  for other in config.compare_with:
+    yield other in registry.names(), f"compare_with names unknown method {other!r}"
+
+
+def validate(config: Config) -> None:
+  """Raises ConfigError naming the first field out of range (config resolved)."""
+  method = registry.get(config.method)
+  checks = list(_checks(config))
+  if method.checks is not None:
+    checks += list(method.checks(config))
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(f"config: {message}")
+
+
+# What a checkpoint's shapes and meaning depend on; a workdir is refused to a
+# config that differs in any of these.
+_FINGERPRINT_FIELDS = ("method", "model", "lsmtl.bottleneck", "lsmtl.negative_slope",
+                       "optim.name", "optim.grad_clip_norm", "mesh.target_multiple",
+                       "data.path", "data.synthetic", "seed")
+
+
+def fingerprint(config: Config, num_padded: int, extras: list[str]) -> dict[str, Any]:
+  out = {"num_padded_targets": num_padded, "extras": sorted(extras)}
+  for field in _FINGERPRINT_FIELDS:
+    value = get_field(config, field)
+    out[field] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return json.loads(json.dumps(out))
+
+
+def check_same_config(workdir: str, record: dict | None, expected: dict) -> None:
+  saved = (record or {}).get("fingerprint")
+  if saved is None or saved == expected:
+    return
+  diffs = [f"{k}: {saved.get(k)!r} there, {expected.get(k)!r} now"
+           for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+  raise ConfigError(f"{workdir}: holds checkpoints of a different config ({'; '.join(diffs)}); "
+                    "use a new --workdir or the config it was started with")

@@ -1,0 +1,90 @@
+"""Writing files so that a reader never sees half of one: every output is
+written under a temporary name beside its final path, then renamed.
+
+A temporary name carries the writer's pid (`.NAME.tmp-PID...`), so a later
+writer of the same path can tell an abandoned one (its process is gone) from
+one being written, and remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+
+def _temp_prefix(path: str) -> str:
+  head, tail = os.path.split(os.path.abspath(path))
+  return os.path.join(head, f".{tail}.tmp-")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_abandoned(path: str) -> list[str]:
+  """Removes temporaries of `path` whose writing process no longer exists."""
+  removed = []
+  for tmp in glob.glob(glob.escape(_temp_prefix(path)) + "*"):
+    pid = tmp[len(_temp_prefix(path)):].split(".", 1)[0].split("-", 1)[0]
+    if pid.isdigit() and not _alive(int(pid)):
+      if os.path.isdir(tmp) and not os.path.islink(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(tmp)
+      removed.append(tmp)
+  return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
+  """Yields a temporary path beside `path` (ending in `suffix`, for writers that
+  choose a format by extension); on success it replaces `path`, on any error
+  it is removed."""
+  remove_abandoned(path)
+  tmp = f"{_temp_prefix(path)}{os.getpid()}{suffix}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str) -> Iterator[str]:
+  """Yields a temporary sibling folder of `final`; on success it replaces
+  `final`, on any error it is removed, so a half-written folder is never left."""
+  remove_abandoned(final)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(_temp_prefix(final)) + f"{os.getpid()}-",
+                         dir=os.path.dirname(os.path.abspath(final)))
+  try:
+    yield tmp
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  with atomic_file(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

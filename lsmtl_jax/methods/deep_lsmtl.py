@@ -1,0 +1,77 @@
+"""Deep-LSMTL and the networks that share its code path: the DenseNet (lam = 0)
+and D-GEX (an MLP trunk, tanh, lam = 0).
+
+Deep-LSMTL (docs/method.md): L = L_task(y, y_hat) + lam L_rec, where a task
+mask m hides a random subset of the outputs and the task-relation bottleneck
+g reconstructs the hidden ones from the visible ones, r = g((1 - m) y_hat),
+L_rec = sum(m (y_hat - r)^2) / sum(m). With lam = 0 no bottleneck is built.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from lsmtl_jax import models
+from lsmtl_jax import objectives
+from lsmtl_jax.methods import base
+
+TASK_RELATION = "task_relation"  # params[...] of g
+
+
+def build(config, num_targets: int, dtype):
+  regressor = models.Regressor(trunk=models.build_trunk(config.model, dtype),
+                               num_targets=num_targets, dtype=dtype)
+  extras = {}
+  if config.lsmtl.lam > 0:
+    extras[TASK_RELATION] = models.TaskRelation(
+        num_targets=num_targets, bottleneck=config.lsmtl.bottleneck,
+        negative_slope=config.lsmtl.negative_slope, dtype=dtype)
+  return regressor, extras
+
+
+def loss(state, batch, step: base.StepInputs):
+  lsmtl = step.config.lsmtl
+  relation = step.extras.get(TASK_RELATION)
+
+  def loss_fn(params):
+    y_hat, updates = step.regressor.apply(
+        {"params": params["regressor"], "batch_stats": state.batch_stats}, batch["x"],
+        train=True, rngs={"dropout": step.dropout_key}, mutable=["batch_stats"])
+    l_task = objectives.task_loss(step.y, y_hat, step.config.loss.task, step.valid)
+    l_rec = jnp.zeros((), jnp.float32)
+    if relation is not None:
+      mask = objectives.sample_task_mask(step.mask_key, y_hat.shape, lsmtl.mask_rate,
+                                         per_batch=lsmtl.mask_per == "batch")
+      g = lambda u: relation.apply({"params": params[TASK_RELATION]}, u)
+      l_rec = objectives.reconstruction_loss(y_hat, mask, g, lsmtl.stop_gradient_target,
+                                             step.valid)
+    return l_task + lsmtl.lam * l_rec, (updates["batch_stats"], l_task, l_rec)
+
+  return base.gradients_and_metrics(loss_fn, state.params, "rec_loss")
+
+
+def _no_extra_memory(config, num_targets, trunk_width):
+  return 0, ""
+
+
+_NETWORK = dict(build=build, loss=loss, memory=_no_extra_memory)
+# The trunk's regularization, searched for every DenseNet-based method alike.
+DROPOUT = base.Tunable("model.dropout", (0.0, 0.1, 0.3), "linear")
+
+DEEP_LSMTL = base.Method(
+    name="deep_lsmtl", label="Deep-LSMTL", **_NETWORK,
+    tunables=(base.Tunable("lsmtl.lam", (1e-3, 1e-2, 1e-1, 1.0)),
+              base.Tunable("lsmtl.bottleneck", (32, 128, 512)),
+              base.Tunable("lsmtl.mask_rate", (0.05, 0.1, 0.3), "linear"),
+              base.Tunable("lsmtl.mask_per", ("example", "batch"), "choice"),
+              base.Tunable("lsmtl.stop_gradient_target", (False, True), "choice"),
+              DROPOUT))
+DENSENET = base.Method(
+    name="densenet", label="DenseNet", **_NETWORK,
+    fixed={"model.trunk": "densenet", "lsmtl.lam": 0.0}, tunables=(DROPOUT,))
+DGEX = base.Method(
+    name="dgex", label="D-GEX", **_NETWORK,
+    fixed={"model.trunk": "mlp", "model.activation": "tanh", "lsmtl.lam": 0.0},
+    tunables=(DROPOUT,))
+
+METHODS = (DEEP_LSMTL, DENSENET, DGEX)
