@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.batch_norm = True
   config.model.activation = "tanh"  # MLP trunk only
   config.model.dtype = "float32"  # matmul dtype; parameters stay float32
+  # 'lsr': start the head from the closed-form ridge solution (lsr.ridge, on the
+  # training rows): kernel rows of the raw landmarks = W, the others 0, bias = b,
+  # so the untrained network predicts what LSR does. DenseNet trunk only.
+  config.model.head_init = "default"
 
   # The masked-task bottleneck regularizer (SPEC.md section 2).
   config.lsmtl = ml_collections.ConfigDict()
@@ -56,6 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.lsmtl.mask_per = "example"  # or 'batch'
   config.lsmtl.negative_slope = 0.2
   config.lsmtl.stop_gradient_target = False
+  # Other readings of the loss (defaults: the one above). detach_input: g's
+  # input (1 - m) y_hat is detached, so the regressor is shaped only through the
+  # target (with stop_gradient_target too, the term trains g alone).
+  config.lsmtl.detach_input = False
+  # > 0: L_rec's weight ramps linearly, lam * min(1, step / warmup_steps).
+  config.lsmtl.warmup_steps = 0
+  # g's learning rate is optim.learning_rate times this.
+  config.lsmtl.relation_lr_scale = 1.0
 
   config.loss = ml_collections.ConfigDict()
   config.loss.task = "mse"  # or 'mae'

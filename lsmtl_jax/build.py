@@ -18,12 +18,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
+from lsmtl_jax import config_lib
 from lsmtl_jax import metrics
 from lsmtl_jax import parallel
 from lsmtl_jax import steps
 from lsmtl_jax.methods import base
+from lsmtl_jax.methods import deep_lsmtl
 from lsmtl_jax.methods import registry
 
 
@@ -46,7 +49,25 @@ def create_optimizer(config, num_steps: int) -> optax.GradientTransformation:
     opt = optax.sgd(schedule, momentum=0.9)
   if config.optim.grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), opt)
+  scale = config.lsmtl.relation_lr_scale
+  if scale != 1.0:
+    opt = _scale_subtree_updates(opt, deep_lsmtl.TASK_RELATION, scale)
   return opt
+
+
+def _scale_subtree_updates(inner: optax.GradientTransformation, name: str,
+                           scale: float) -> optax.GradientTransformation:
+  """`inner`, with the updates of params[name] (when present) multiplied by
+  `scale`: that subtree's learning rate is lr * scale. The optimizer state is
+  inner's own, so its layout (and a checkpoint's) does not depend on scale."""
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    if name in updates:
+      updates = {**updates, name: jax.tree.map(lambda u: u * scale, updates[name])}
+    return updates, state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 def init_variables(key, regressor, extras: dict[str, nn.Module], num_landmarks: int,
@@ -136,6 +157,36 @@ class Network:
                          out_shardings=stats_sharding, donate_argnums=1)
     init_stats = jax.jit(lambda: metrics.zeros(self.num_padded), out_shardings=stats_sharding)
     return stats_step, init_stats
+
+
+def with_lsr_head(state: steps.TrainState, network: Network, weights, bias) -> steps.TrainState:
+  """`state` with the regressor's head set to a linear solution y = x W + b
+  (model.head_init='lsr'): head kernel rows [0, L) x columns [0, T) = W (L, T),
+  every other kernel entry 0, bias[:T] = b, padding 0. The DenseNet trunk's
+  output starts with the raw landmarks (BatchNorm and dropout act only inside
+  its blocks), so the network then predicts x W + b exactly, in training and
+  evaluation mode. Shardings are kept; nothing else in the state changes."""
+  problem = config_lib.lsr_head_problem(network.config)
+  if problem:
+    raise config_lib.ConfigError(f"config: {problem}")
+  num_l, num_t = network.num_landmarks, network.num_targets
+  weights = np.asarray(weights, np.float32)
+  bias = np.asarray(bias, np.float32)
+  if weights.shape != (num_l, num_t) or bias.shape != (num_t,):
+    raise ValueError(f"an LSR head for {num_l} landmarks and {num_t} targets needs W "
+                     f"{(num_l, num_t)} and b {(num_t,)}, got {weights.shape} and {bias.shape}")
+  head = state.params["regressor"]["head"]
+  kernel, old_bias = head["kernel"], head["bias"]
+
+  @functools.partial(jax.jit, out_shardings=(kernel.sharding, old_bias.sharding))
+  def lsr_head(w, b):
+    return (jnp.zeros(kernel.shape, kernel.dtype).at[:num_l, :num_t].set(w.astype(kernel.dtype)),
+            jnp.zeros(old_bias.shape, old_bias.dtype).at[:num_t].set(b.astype(old_bias.dtype)))
+
+  new_kernel, new_bias = lsr_head(weights, bias)
+  regressor = {**state.params["regressor"], "head": {**head, "kernel": new_kernel,
+                                                      "bias": new_bias}}
+  return state.replace(params={**state.params, "regressor": regressor})
 
 
 def build_network(config, num_landmarks: int, num_targets: int,

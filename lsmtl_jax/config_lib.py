@@ -9,10 +9,15 @@ resolved config and never fills in defaults again.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
+from lsmtl_jax import models
 from lsmtl_jax.methods import registry
 
 Config = ml_collections.ConfigDict
@@ -75,6 +80,7 @@ _CHOICES = {
     "model.activation": ("tanh", "relu", "leaky_relu", "sigmoid", "gelu", "elu", "silu"),
     "model.dtype": ("float32", "bfloat16"),
     "lsmtl.mask_per": ("example", "batch"),
+    "model.head_init": ("default", "lsr"),
     "loss.task": ("mse", "mae"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
@@ -105,6 +111,61 @@ def _checks(config: Config):
          f"memory.limit_gb must be >= 0, got {config.memory.limit_gb}")
   for other in config.compare_with:
     yield other in registry.names(), f"compare_with names unknown method {other!r}"
+  yield from _variant_checks(config)
+
+
+def _variant_checks(config: Config):
+  """The switches between readings of Deep-LSMTL's loss, and model.head_init
+  (for the method and every network method it is compared with)."""
+  lsmtl = config.lsmtl
+  yield (isinstance(lsmtl.detach_input, bool),
+         f"lsmtl.detach_input must be True or False, got {lsmtl.detach_input!r}")
+  warmup = lsmtl.warmup_steps
+  yield (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0,
+         f"lsmtl.warmup_steps must be an integer >= 0, got {warmup!r}")
+  scale = lsmtl.relation_lr_scale
+  yield (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale >= 0
+         and math.isfinite(scale),
+         f"lsmtl.relation_lr_scale must be a finite number >= 0, got {scale!r}")
+  if config.model.head_init == "lsr":
+    for name in (config.method, *config.compare_with):
+      if name not in registry.names():
+        continue
+      run = config
+      if name != config.method:
+        run = ml_collections.ConfigDict(config.to_dict())
+        run.method, run.compare_with = name, ()
+        run = resolve(run)
+      problem = lsr_head_problem(run)
+      yield problem is None, problem
+
+
+def lsr_head_problem(config: Config) -> str | None:
+  """Why model.head_init='lsr' cannot start this (resolved) config's network
+  from the ridge solution, or None: it needs the DenseNet trunk, whose output
+  starts with the raw landmarks, under one plain linear head. A method that is
+  not a network ignores the field."""
+  method = registry.get(config.method)
+  if not method.is_network:
+    return None
+  if config.model.trunk != "densenet":
+    return (f"model.head_init=lsr needs the densenet trunk; method {method.name!r} runs "
+            f"model.trunk={config.model.trunk!r}")
+  num_landmarks = 3
+  try:  # shapes only: nothing is allocated
+    regressor, _ = method.build(config, 2, jnp.float32)
+    variables = nn.meta.unbox(jax.eval_shape(lambda: regressor.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, num_landmarks)), train=False)))
+  except Exception:  # pylint: disable=broad-except  (a field out of range; its check says so)
+    return None
+  params = variables.get("params", {})
+  kernel = params.get("head", {}).get("kernel")
+  width = models.trunk_output_width(config.model, num_landmarks)
+  if sorted(params) != ["head", "trunk"] or getattr(kernel, "shape", (None,))[0] != width:
+    return (f"model.head_init=lsr needs one linear head on the DenseNet trunk's output; method "
+            f"{method.name!r} ({method.label}) has none (its regressor's parameters: "
+            f"{', '.join(sorted(params))})")
+  return None
 
 
 def validate(config: Config) -> None:

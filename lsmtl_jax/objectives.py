@@ -43,15 +43,22 @@ def sample_task_mask(key: jax.Array, shape: tuple[int, int], rate: float,
 def reconstruction_loss(y_hat: jnp.ndarray, mask: jnp.ndarray,
                         relation: Callable[[jnp.ndarray], jnp.ndarray],
                         stop_gradient_target: bool = False,
-                        valid: jnp.ndarray | None = None) -> jnp.ndarray:
+                        valid: jnp.ndarray | None = None,
+                        stop_gradient_input: bool = False) -> jnp.ndarray:
   """Mean squared error of g's reconstruction over the masked entries only.
 
-  Padding tasks (`valid` = 0) are neither shown to g nor scored.
+  Padding tasks (`valid` = 0) are neither shown to g nor scored. y_hat appears
+  twice, as g's input (1 - m) y_hat and as the target; `stop_gradient_input` /
+  `stop_gradient_target` detach the one named, so the regressor gets this
+  term's gradient only through the other (both: only g learns from it).
   """
   visible = 1.0 - mask
   if valid is not None:
     mask, visible = mask * valid, visible * valid
-  reconstruction = relation(visible * y_hat)
+  shown = visible * y_hat
+  if stop_gradient_input:
+    shown = jax.lax.stop_gradient(shown)
+  reconstruction = relation(shown)
   target = jax.lax.stop_gradient(y_hat) if stop_gradient_target else y_hat
   squared = mask * jnp.square(target - reconstruction)
   return jnp.sum(squared) / jnp.maximum(jnp.sum(mask), 1.0)

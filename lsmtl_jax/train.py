@@ -40,6 +40,7 @@ from lsmtl_jax import steps
 from lsmtl_jax.checkpoints import Checkpoints
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
+from lsmtl_jax.methods import linear
 from lsmtl_jax.methods import registry
 
 # Errors a caller reports as one line (main.py maps each to an exit code).
@@ -112,6 +113,17 @@ class _ScalarLog:
       self.events.close()
 
 
+def _with_lsr_head(config, network, state, dataset, rows):
+  """model.head_init='lsr': the head starts from LSR's ridge solution (lsr.ridge)
+  on the rows training uses, so the untrained network predicts what LSR does."""
+  start = time.perf_counter()
+  weights, bias = linear.fit(dataset, rows, config.train.eval_batch_size, config.lsr.ridge,
+                             config.data.prefetch)
+  logging.info("Head initialized from LSR (ridge %g, %d training rows) in %.1fs",
+               config.lsr.ridge, len(rows), time.perf_counter() - start)
+  return build.with_lsr_head(state, network, weights, bias)
+
+
 def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
   dataset = data.train
   num_l, num_t = dataset.num_landmarks, dataset.num_targets
@@ -140,7 +152,10 @@ def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
   loop = {"step": 0, "best_val_mae": math.inf, "best_step": -1, "evals_since_best": 0,
           "stopped_early": False, "train_seconds": 0.0, "timed_examples": 0,
           "timed_seconds": 0.0, "fingerprint": fingerprint}
-  config_lib.check_same_config(workdir, ckpts.latest_record(), fingerprint)
+  record = ckpts.latest_record()
+  config_lib.check_same_config(workdir, record, fingerprint)
+  if config.model.head_init == "lsr" and record is None:  # a resumed run restores over it
+    state = _with_lsr_head(config, network, state, data.train, order.indices)
   restored = ckpts.restore_latest(state)
   if restored is not None:
     state, loop = restored

@@ -5,6 +5,12 @@ Deep-LSMTL (docs/method.md): L = L_task(y, y_hat) + lam L_rec, where a task
 mask m hides a random subset of the outputs and the task-relation bottleneck
 g reconstructs the hidden ones from the visible ones, r = g((1 - m) y_hat),
 L_rec = sum(m (y_hat - r)^2) / sum(m). With lam = 0 no bottleneck is built.
+
+Readings of the paper's loss other than the default, as switches (each at its
+default gives exactly the loss above): lsmtl.stop_gradient_target and
+lsmtl.detach_input detach y_hat where it is g's target or g's input;
+lsmtl.warmup_steps ramps the term's weight lam * min(1, step / warmup_steps);
+lsmtl.relation_lr_scale (build.create_optimizer) sets g's learning rate apart.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ def build(config, num_targets: int, dtype):
   return regressor, extras
 
 
+def rec_weight(lsmtl, step):
+  """The weight of L_rec at optimizer step `step` (0 for the first update):
+  lam, or with lsmtl.warmup_steps = W > 0, lam * min(1, step / W)."""
+  if lsmtl.warmup_steps <= 0:
+    return lsmtl.lam
+  ramp = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / lsmtl.warmup_steps)
+  return lsmtl.lam * ramp
+
+
 def loss(state, batch, step: base.StepInputs):
   lsmtl = step.config.lsmtl
   relation = step.extras.get(TASK_RELATION)
@@ -44,8 +59,9 @@ def loss(state, batch, step: base.StepInputs):
                                          per_batch=lsmtl.mask_per == "batch")
       g = lambda u: relation.apply({"params": params[TASK_RELATION]}, u)
       l_rec = objectives.reconstruction_loss(y_hat, mask, g, lsmtl.stop_gradient_target,
-                                             step.valid)
-    return l_task + lsmtl.lam * l_rec, (updates["batch_stats"], l_task, l_rec)
+                                             step.valid, lsmtl.detach_input)
+    return l_task + rec_weight(lsmtl, state.step) * l_rec, (updates["batch_stats"], l_task,
+                                                            l_rec)
 
   return base.gradients_and_metrics(loss_fn, state.params, "rec_loss")
 
