@@ -1,4 +1,4 @@
-"""Cross-platform setting (SPEC.md section 5, setting b): train on the GEO
+"""Cross-platform setting (docs/data.md, "The D-GEX preparation", setting b): train on the GEO
 training split, select on 1000G, test on GTEx.
 
 Prepare GEO first, then 1000G and GTEx mapped onto GEO's quantile reference and

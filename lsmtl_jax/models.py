@@ -134,7 +134,7 @@ def trunk_output_width(model_config, num_landmarks: int) -> int:
 
 
 # ----------------------------------------------------------------------------
-# Heads and auxiliary modules of the comparison methods (SPEC.md section 3).
+# Heads and auxiliary modules of the comparison methods (docs/method.md, "Comparison methods").
 # Extra logical axes: 'latent' (GO-MTL's r shared components), 'targets_in'
 # (the second target axis of AMTL's T x T matrix; replicated), 'critic' (the
 # SemiGAN discriminator's units). Rules that do not name them replicate them.

@@ -65,7 +65,7 @@ def reconstruction_loss(y_hat: jnp.ndarray, mask: jnp.ndarray,
 
 
 # ----------------------------------------------------------------------------
-# Regularizers of the deep MTL baselines (SPEC.md section 3). Each is the literal
+# Regularizers of the deep MTL baselines (docs/method.md, "Comparison methods"). Each is the literal
 # formula of its row; the training step divides it by the number of real tasks
 # so that its coefficients are per task, like the mean task loss beside it.
 # ----------------------------------------------------------------------------

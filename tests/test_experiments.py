@@ -110,7 +110,7 @@ def test_shipped_experiments_plan_every_method_and_figure(name):
   config = module.get_config()
   planned = experiments.plan(config, module.get_runs(config))
   table = {p["method"] for p in planned.values() if "table" in p["figures"]}
-  # Every row of SPEC.md section 3 (SemiGAN with its semi-supervised variant).
+  # Every row of docs/method.md, "Comparison methods" (SemiGAN with its semi-supervised variant).
   assert table == {"lsr", "lsr_l1", "knn", "dgex", "semigan", "semigan_semi", "go_mtl",
                    "cnmtl", "amtl", "amtfl", "densenet", "deep_lsmtl"}
   mtl_widths = {}

@@ -378,7 +378,7 @@ def test_cli_end_to_end_opens_as_a_dataset(tmp_path):
 def test_real_dgex_maps_on_a_geo_shaped_gctx(tmp_path):
   lm, tg = (os.path.join(SHARED_DATA, f) for f in ("dgex_map_lm.txt", "dgex_map_tg.txt"))
   if not (os.path.isfile(lm) and os.path.isfile(tg)):
-    pytest.skip("D-GEX map files not present in ../shared/data")
+    pytest.skip("D-GEX map files (dgex_map_lm.txt, dgex_map_tg.txt) not present beside the checkout")
   gene_probes = synthetic_gctx.read_map_probes(lm) + synthetic_gctx.read_map_probes(tg)
   probes = synthetic_gctx.probe_ids(synthetic_gctx.GEO_PROBES, 0,
                                     [p for g in gene_probes for p in g])

@@ -1,6 +1,6 @@
 """The D-GEX preparation, out of core: an expression matrix in, a training dataset out.
 
-Steps (SPEC.md section 5, with the original's defects fixed):
+Steps (docs/data.md, "The D-GEX preparation", with the original's defects fixed):
 
 1. Gene selection: D-GEX map files (symbol, Ensembl id, comma-separated probes;
    a gene is the mean of its probes) or plain id lists. Targets that copy a

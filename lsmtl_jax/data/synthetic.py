@@ -17,7 +17,7 @@ The structure, and why Deep-LSMTL should help on it:
   (the masked-task bottleneck) can borrow strength across a module.
 * Values are mapped to the 4-15 log2 range, quantile-normalized to a reference
   (the mean sorted training profile) and standardized per gene with
-  training-split statistics, as SPEC.md section 5 prepares GEO.
+  training-split statistics, as docs/data.md ("The D-GEX preparation") prepares GEO.
 
 Generation streams in row blocks whose randomness derives from (seed, block),
 so any size fits in bounded memory and the output is reproducible.
