@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.val_path = ""
   config.data.test_path = ""
   config.data.train_split = "train"
+  # > 0: train on this many profiles of the training split (a fixed-seed subset,
+  # the same for every method and seed), e.g. for a learning curve.
+  config.data.max_train = 0
   config.data.val_split = "val"
   config.data.test_split = "test"
 
@@ -52,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   # so the untrained network predicts what LSR does. DenseNet trunk only.
   config.model.head_init = "default"
 
-  # The masked-task bottleneck regularizer (SPEC.md section 2).
+  # The masked-task bottleneck regularizer (docs/method.md, "Deep-LSMTL objective").
   config.lsmtl = ml_collections.ConfigDict()
   config.lsmtl.lam = 0.1  # weight of L_rec; 0 gives the plain DenseNet
   config.lsmtl.bottleneck = 256  # k
@@ -92,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   # A non-finite loss or gradient norm: 'stop' (the last good checkpoint stays
   # the latest) or 'skip' the step (counted and logged).
   config.train.nonfinite = "stop"
+  # Measure the matmul peak (~3 s) for the MFU in the log and results.json.
+  config.train.measure_peak = True
 
   # Device mesh: 'data' splits the batch, 'model' splits the target axis (head,
   # bottleneck, per-gene metrics). -1 takes the devices the other axis leaves.

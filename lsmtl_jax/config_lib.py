@@ -38,9 +38,23 @@ def with_method_sections(config: Config) -> Config:
       for name, value in fields.items():
         if name not in config[section]:
           config[section][name] = value
-  if "memory" not in config:  # configs written before the memory guard existed
-    config.memory = ml_collections.ConfigDict({"limit_gb": 0.0})
+  for dotted, value in _LATER_FIELDS.items():  # configs written before they existed
+    *path, leaf = dotted.split(".")
+    node = config
+    for part in path:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    if leaf not in node:
+      node[leaf] = value
   return config
+
+
+# Fields added after configs were first saved in workdirs, with the value that
+# reproduces the behaviour from before they existed.
+_LATER_FIELDS = {"memory.limit_gb": 0.0, "data.max_train": 0, "lsmtl.detach_input": False,
+                 "lsmtl.warmup_steps": 0, "lsmtl.relation_lr_scale": 1.0,
+                 "model.head_init": "default", "train.measure_peak": True}
 
 
 def set_field(config: Config, dotted: str, value: Any) -> None:
@@ -107,6 +121,7 @@ def _checks(config: Config):
   yield (t.num_steps > 0 or t.num_epochs > 0,
          "train.num_steps or train.num_epochs must be positive")
   yield config.lsr.ridge >= 0, f"lsr.ridge must be >= 0, got {config.lsr.ridge}"
+  yield config.data.max_train >= 0, f"data.max_train must be >= 0, got {config.data.max_train}"
   yield (config.memory.limit_gb >= 0,
          f"memory.limit_gb must be >= 0, got {config.memory.limit_gb}")
   for other in config.compare_with:
@@ -183,7 +198,7 @@ def validate(config: Config) -> None:
 # config that differs in any of these.
 _FINGERPRINT_FIELDS = ("method", "model", "lsmtl.bottleneck", "lsmtl.negative_slope",
                        "optim.name", "optim.grad_clip_norm", "mesh.target_multiple",
-                       "data.path", "data.synthetic", "seed")
+                       "data.path", "data.synthetic", "data.max_train", "seed")
 
 
 def fingerprint(config: Config, num_padded: int, extras: list[str]) -> dict[str, Any]:

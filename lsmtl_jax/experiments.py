@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -75,7 +76,8 @@ def run_name(method: str, overrides: dict) -> str:
 
 
 def plan(base: ml_collections.ConfigDict, runs: list[dict]) -> dict[str, dict]:
-  """{name: {"method", "overrides", "figures", "config"}}, duplicates merged."""
+  """{name: {"method", "overrides", "figures", "config"[, "tuning"]}}, duplicates
+  merged."""
   from lsmtl_jax import config_lib  # pylint: disable=g-import-not-at-top  (JAX import is slow)
   out: dict[str, dict] = {}
   for run in runs:
@@ -94,6 +96,8 @@ def plan(base: ml_collections.ConfigDict, runs: list[dict]) -> dict[str, dict]:
     out[name] = {"method": run["method"], "overrides": overrides,
                  "figures": {f: dict(c) for f, c in run.get("figures", {}).items()},
                  "config": config}
+    if "tuning" in run:
+      out[name]["tuning"] = run["tuning"]
   return out
 
 
@@ -225,6 +229,8 @@ def collect(planned: dict[str, dict], workdir: str) -> dict[str, dict]:
     row = {"name": name, "method": run["method"],
            "label": registry.label(run["method"]), "figures": run["figures"],
            "overrides": run["overrides"], "status": "missing"}
+    if "tuning" in run:
+      row["tuning"] = run["tuning"]
     oom = _read(os.path.join(run_dir, OOM_NAME))
     results = _read(os.path.join(run_dir, results_lib.RESULTS_NAME))
     if oom is not None:
@@ -259,6 +265,11 @@ def table_rows(rows: dict[str, dict]) -> list[dict]:
           entry[f"{split}_{k}"] = s[k]
       entry.update(num_parameters=r["num_parameters"], peak_bytes=r["peak_bytes"],
                    peak_kind=r["peak_kind"], train_seconds=r["train_seconds"])
+      if "tuning" in r and "chosen" in r["tuning"]:
+        t = r["splits"]["test"]
+        entry.update(test_mae_seed_sd=t["mae_mean_seed_sd"], test_cc_seed_sd=t["cc_mean_seed_sd"],
+                     test_mae_per_seed=t["mae_mean_per_seed"], seeds=r["tuning"]["seeds"],
+                     chosen=r["tuning"]["chosen"], tried=r["tuning"]["tried"])
       if reference is not None and r is not reference and "genes" in r:
         entry.update({f"lsmtl_{k}": v for k, v in genewise(
             reference["genes"]["test_mae"], r["genes"]["test_mae"]).items()})
@@ -275,7 +286,15 @@ def _fmt_bytes(n) -> str:
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def _setting(setting: dict | None) -> str:
+  if not setting:
+    return "defaults"
+  return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items())
+
+
 def format_markdown(entries: list[dict]) -> str:
+  if any("seeds" in e for e in entries):
+    return format_tuned_markdown(entries)
   lines = ["| method | test MAE | test CC | val MAE | val CC | parameters | peak memory | "
            "train s | Deep-LSMTL better on (genes, test MAE) |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -296,10 +315,36 @@ def format_markdown(entries: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def format_tuned_markdown(entries: list[dict]) -> str:
+  """Tuned rows: mean over seeds ± sd over seeds (the spread over genes is in
+  table.json), the setting chosen on validation and how many were tried."""
+  lines = ["| method | test MAE (seeds mean ± sd) | test CC (seeds mean ± sd) | val MAE | "
+           "chosen on validation | tried | seeds | parameters | "
+           "Deep-LSMTL better on (genes, seed-mean test MAE) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for e in entries:
+    if e["status"] != "ok":
+      lines.append(f"| {e['method']} | {e.get('note', e['status'])} | | | | | | | |")
+      continue
+    better = ""
+    if "lsmtl_fraction_reference_better" in e:
+      p = e["lsmtl_wilcoxon_p"]
+      better = (f"{100 * e['lsmtl_fraction_reference_better']:.1f}% "
+                f"(p {'< 1e-300' if p < 1e-300 else f'= {p:.2g}'})")
+    seeds = e.get("seeds", [0])
+    lines.append(
+        f"| {e['method']} | {e['test_mae_mean']:.4f} ± {e.get('test_mae_seed_sd', 0):.4f} | "
+        f"{e['test_cc_mean']:.4f} ± {e.get('test_cc_seed_sd', 0):.4f} | "
+        f"{e['val_mae_mean']:.4f} | {_setting(e.get('chosen'))} | {len(e.get('tried', [1]))} | "
+        f"{len(seeds)} | {e['num_parameters']:,} | {better} |")
+  return "\n".join(lines)
+
+
 CSV_FIELDS = ("method", "run", "status", "test_mae_mean", "test_mae_std", "test_cc_mean",
               "test_cc_std", "val_mae_mean", "val_mae_std", "val_cc_mean", "val_cc_std",
               "num_parameters", "peak_bytes", "peak_kind", "train_seconds",
-              "lsmtl_fraction_reference_better", "lsmtl_wilcoxon_p", "note")
+              "lsmtl_fraction_reference_better", "lsmtl_wilcoxon_p", "test_mae_seed_sd",
+              "seeds", "chosen", "note")
 
 
 def write_tables(workdir: str, entries: list[dict], header: str) -> None:
@@ -310,6 +355,49 @@ def write_tables(workdir: str, entries: list[dict], header: str) -> None:
     writer.writeheader()
     writer.writerows(entries)
   fileio.write_json(os.path.join(workdir, "table.json"), entries)
+
+
+def write_comparisons(workdir: str, rows: dict[str, dict]) -> None:
+  """Deep-LSMTL against lam = 0 (the DenseNet), both tuned: per-seed relative
+  test-MAE change and the paired per-gene test (lsmtl_vs_lam0.json, appended
+  to table.md); the regime study's cells (regimes.json, regimes.md)."""
+  from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
+  table = {r["method"]: r for r in rows.values()
+           if r["figures"].get("table") and "tuning" in r and r["status"] == "ok"}
+  if REFERENCE in table and "densenet" in table:
+    lsmtl, lam0 = table[REFERENCE], table["densenet"]
+    out = {"gain": tuning.paired_seeds(lsmtl, lam0),
+           "lsmtl_chosen": lsmtl["tuning"]["chosen"], "lam0_chosen": lam0["tuning"]["chosen"]}
+    if "genes" in lsmtl and "genes" in lam0:
+      out.update(genewise(lsmtl["genes"]["test_mae"], lam0["genes"]["test_mae"]))
+    fileio.write_json(os.path.join(workdir, "lsmtl_vs_lam0.json"), out)
+    text = (f"\nDeep-LSMTL vs the DenseNet (lam = 0), both tuned on validation: relative test "
+            f"MAE change per seed (positive: Deep-LSMTL better) "
+            f"{', '.join(f'{100 * g:+.2f}%' for g in out['gain']['per_seed'])}; mean "
+            f"{100 * out['gain']['mean']:+.2f}% ± {100 * out['gain']['sd']:.2f}%.")
+    if "wilcoxon_p" in out:
+      text += (f" Per gene (seed-mean test MAE): Deep-LSMTL lower on "
+               f"{100 * out['fraction_reference_better']:.1f}% of genes, paired Wilcoxon "
+               f"p = {out['wilcoxon_p']:.2g}.")
+    with open(os.path.join(workdir, "table.md"), "a") as f:
+      f.write(text + "\n")
+  gains = regime_gains(rows)
+  if gains:
+    fileio.write_json(os.path.join(workdir, "regimes.json"), gains)
+    lines = ["| dataset | training profiles | width | head share | reading | lam = 0 test MAE "
+             "(chose) | Deep-LSMTL test MAE (chose) | gain, seeds mean ± sd | val gain | "
+             "genes better (p) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for g in gains:
+      genes = (f"{100 * g['genes_fraction_reference_better']:.0f}% "
+               f"({g['genes_wilcoxon_p']:.2g})" if "genes_wilcoxon_p" in g else "")
+      share = f"{100 * g['head_share']:.0f}%" if g.get("head_share") else ""
+      lines.append(
+          f"| {g['dataset']} | {g['n_train']:,} | {g['width']} | {share} | {g['reading']} | "
+          f"{g['lam0_test_mae']:.4f} ({_setting(g['lam0_chosen'])}) | "
+          f"{g['lsmtl_test_mae']:.4f} ({_setting(g['lsmtl_chosen'])}) | "
+          f"{100 * g['gain_mean']:+.2f}% ± {100 * g['gain_sd']:.2f}% | "
+          f"{100 * g['val_gain_mean']:+.2f}% | {genes} |")
+    fileio.write_text(os.path.join(workdir, "regimes.md"), "\n".join(lines) + "\n")
 
 
 def _pyplot():
@@ -441,15 +529,90 @@ def plot_sensitivity(path: str, rows: dict[str, dict]) -> None:
   plt.close(fig)
 
 
+def regime_gains(rows: dict[str, dict]) -> list[dict]:
+  """For each regime cell (dataset, reading, training profiles, width): the
+  relative test-MAE change of Deep-LSMTL against lam = 0 per seed,
+  (MAE_lam0 - MAE_lsmtl) / MAE_lam0 (positive: the term helps), with the
+  setting each arm chose on validation and a paired per-gene test on the
+  seed-mean per-gene MAE. Arms of a reading pair with that reading's lam = 0
+  arm, else with the default reading's."""
+  from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
+  cells: dict[tuple, dict[str, dict]] = {}
+  for r in _grouped(rows, "regime"):
+    f = r["figures"]["regime"]
+    key = (f["dataset"], f["n_train"], f["width"])
+    cells.setdefault(key, {})[f"{f['reading']}/{f['arm']}"] = r
+  out = []
+  for (dataset, n_train, width), arms in sorted(cells.items()):
+    for name, lsmtl in sorted(arms.items()):
+      reading, arm = name.split("/")
+      if arm != "lsmtl":
+        continue
+      lam0 = arms.get(f"{reading}/lam0") or arms.get("default/lam0")
+      if lam0 is None or lsmtl["status"] != "ok" or lam0["status"] != "ok":
+        continue
+      gain = tuning.paired_seeds(lsmtl, lam0)
+      val_gain = tuning.paired_seeds(lsmtl, lam0, "val")
+      entry = {"dataset": dataset, "n_train": n_train, "width": width, "reading": reading,
+               "gain_mean": gain["mean"], "gain_sd": gain["sd"], "gain_per_seed": gain["per_seed"],
+               "val_gain_mean": val_gain["mean"],
+               "lsmtl_test_mae": lsmtl["splits"]["test"]["mae_mean"],
+               "lam0_test_mae": lam0["splits"]["test"]["mae_mean"],
+               "lsmtl_chosen": lsmtl["tuning"]["chosen"], "lam0_chosen": lam0["tuning"]["chosen"],
+               "head_share": lsmtl["figures"]["regime"].get("head_share")}
+      if "genes" in lsmtl and "genes" in lam0:
+        entry.update({f"genes_{k}": v for k, v in genewise(
+            lsmtl["genes"]["test_mae"], lam0["genes"]["test_mae"]).items()})
+      out.append(entry)
+  return out
+
+
+def plot_regimes(path: str, rows: dict[str, dict]) -> None:
+  """Gain of tuned Deep-LSMTL over tuned lam = 0 against training profiles:
+  one panel per dataset, one curve per width (default reading), error bars
+  = sd over seeds; other readings dashed."""
+  plt = _pyplot()
+  gains = regime_gains(rows)
+  datasets = sorted({g["dataset"] for g in gains})
+  fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(5.5 * max(len(datasets), 1), 4),
+                           squeeze=False, sharey=True)
+  for ax, dataset in zip(axes[0], datasets):
+    curves = sorted({(g["reading"], g["width"]) for g in gains if g["dataset"] == dataset},
+                    key=lambda c: (c[0] != "default", c))
+    for reading, width in curves:
+      pts = sorted((g["n_train"], 100 * g["gain_mean"], 100 * g["gain_sd"]) for g in gains
+                   if (g["dataset"], g["reading"], g["width"]) == (dataset, reading, width))
+      label = f"width {width}" + ("" if reading == "default" else f", {reading}")
+      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                  fmt="o-" if reading == "default" else "s--", capsize=3, label=label)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training profiles")
+    ax.set_title(dataset)
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel("test MAE gain of Deep-LSMTL over lam = 0 (%)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 FIGURES = (("fig2_methods.png", "table", plot_methods), ("fig3_mtl.png", "fig3", plot_mtl),
            ("fig4_dgex_lsmtl.png", "fig4", plot_dgex_lsmtl),
-           ("fig5_sensitivity.png", "fig5", plot_sensitivity))
+           ("fig5_sensitivity.png", "fig5", plot_sensitivity),
+           ("regimes.png", "regime", plot_regimes))
 
 
-def report(planned: dict[str, dict], workdir: str, header: str) -> list[dict]:
-  rows = collect(planned, workdir)
+def report(planned: dict[str, dict], workdir: str, header: str,
+           tuned_rows: dict[str, dict] | None = None) -> list[dict]:
+  rows = {**collect(planned, workdir), **(tuned_rows or {})}
   entries = table_rows(rows)
+  genes = sorted({r["splits"]["test"]["n_genes"] for r in rows.values()
+                  if r["status"] == "ok" and "test" in r.get("splits", {})
+                  and "n_genes" in r["splits"]["test"]})
+  if genes:  # which target set: e.g. GEO's 9,520 with copy targets kept, 9,075 without
+    header += f" ({' / '.join(f'{g:,}' for g in genes)} target genes)"
   write_tables(workdir, entries, header)
+  write_comparisons(workdir, rows)
   for filename, figure, plot in FIGURES:
     if _grouped(rows, figure):
       plot(os.path.join(workdir, filename), rows)
@@ -463,16 +626,68 @@ def _load_module(path: str):
   return module
 
 
+def _tuned_entries(runs: list[dict]) -> list[dict]:
+  """The runs marked 'tune', each with its key (a readable name) and label."""
+  from lsmtl_jax.methods import registry  # pylint: disable=g-import-not-at-top
+  out = []
+  for run in runs:
+    if run.get("tune"):
+      entry = dict(run)
+      entry.setdefault("key", run.get("name") or run_name(run["method"], run.get(
+          "overrides", {})))
+      entry.setdefault("label", registry.label(run["method"]))
+      out.append(entry)
+  return out
+
+
+def run_tuned(config, entries: list[dict], workdir: str) -> tuple[dict, dict]:
+  """Candidates, the choice on validation, then seeds (tuning.py); returns
+  ({entry key: aggregated row}, {run name: status})."""
+  from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
+  from lsmtl_jax.methods import registry  # pylint: disable=g-import-not-at-top
+  first = plan(config, [r for e in entries
+                        for r in tuning.candidate_runs(e, registry.get(e["method"]))])
+  status = execute(first, workdir)
+  first_rows = collect(first, workdir)
+  second_runs, chosen = [], {}
+  for e in entries:
+    rows = [r for r in first_rows.values() if r["tuning"]["entry"] == e["key"]]
+    best = tuning.choose(rows)
+    chosen[e["key"]] = rows, best
+    if best is not None:
+      logging.info("%s: chose %s (val MAE %.5f) of %d tried", e["key"],
+                   best["tuning"]["setting"] or "the defaults",
+                   best["splits"]["val"]["mae_mean"], len(rows))
+      second_runs += tuning.seed_runs(e, best["tuning"]["setting"])
+  second = plan(config, second_runs)
+  status.update(execute(second, workdir))
+  second_rows = collect(second, workdir)
+  out = {}
+  for e in entries:
+    rows, best = chosen[e["key"]]
+    seeds = [r for r in second_rows.values() if r["tuning"]["entry"] == e["key"]]
+    out[e["key"]] = tuning.aggregate(e, rows, seeds)
+  return out, status
+
+
 def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Plans, runs what is missing, and writes the tables and figures."""
   module = _load_module(config_path)
-  planned = plan(config, module.get_runs(config))
+  workdir = os.path.abspath(workdir)  # runs train from the repository's folder
+  if hasattr(module, "prepare"):  # datasets the runs need (e.g. a prepared GCTx)
+    module.prepare(config, workdir)
+  wants_workdir = len(inspect.signature(module.get_runs).parameters) > 1
+  runs = module.get_runs(config, workdir) if wants_workdir else module.get_runs(config)
+  tuned = _tuned_entries(runs)
+  planned = plan(config, [r for r in runs if not r.get("tune")])
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   status = execute(planned, workdir)
+  tuned_rows, tuned_status = run_tuned(config, tuned, workdir) if tuned else ({}, {})
+  status.update(tuned_status)
   seconds = time.perf_counter() - start
   header = getattr(module, "TITLE", os.path.basename(config_path))
-  entries = report(planned, workdir, header)
+  entries = report(planned, workdir, header, tuned_rows)
   fileio.write_json(os.path.join(workdir, "status.json"), {"runs": status, "seconds": seconds})
   print(format_markdown(entries), flush=True)
   failed = [n for n, s in status.items() if s == "failed"]

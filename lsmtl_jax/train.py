@@ -134,8 +134,7 @@ def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
     if config.train[name] % mesh.shape["data"]:
       raise parallel.MeshError(f"config: train.{name}={config.train[name]} is not divisible by "
                                f"the data axis ({mesh.shape['data']})")
-  order = loader.TrainOrder(dataset.split(config.data.train_split), config.train.batch_size,
-                            config.seed)
+  order = loader.TrainOrder(data.train_indices, config.train.batch_size, config.seed)
   num_steps = (config.train.num_steps if config.train.num_steps > 0 else
                config.train.num_epochs * order.steps_per_epoch)
   init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -174,7 +173,8 @@ def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
   flops = perf.train_flops_per_example(config.model, num_l, num_t,
                                        config.lsmtl.bottleneck if network.extras.get(
                                            "task_relation") else 0)
-  peak = perf.measured_matmul_peak()
+  # Many short runs (a tuning study) skip the ~3 s measurement: no MFU then.
+  peak = perf.measured_matmul_peak() if config.train.measure_peak else math.nan
   logging.info("Model FLOPs per training example: %.3g; measured %s matmul peak: %.1f GFLOP/s "
                "per device", flops, jax.default_backend(), peak / 1e9)
   peak *= jax.device_count()
@@ -283,7 +283,7 @@ def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
                     {"step": int(loop["step"]), "val": None})
   best = ckpts.restore_best(steps.regressor_variables(state))
   best_variables = best[0] if best is not None else steps.regressor_variables(state)
-  final = {name: evaluate(name, best_variables, True) for name in ("val", "test")}
+  final = {name: evaluate(name, best_variables, True) for name in data.eval_sets}
   splits = {name: summary for name, (summary, _) in final.items()}
   gene_stats = {name: stats for name, (_, stats) in final.items()}
   ckpts.close()
@@ -294,8 +294,10 @@ def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
           "gene_stats": gene_stats,
           "extra": {"best_step": loop["best_step"], "stopped_early": loop["stopped_early"],
                     "nonfinite_steps": int(loop.get("nonfinite_steps", 0)),
-                    "flops_per_example": flops, "mfu": rate * flops / peak,
-                    "matmul_peak_flops": peak, "num_parameters": num_params,
+                    "flops_per_example": flops,
+                    "mfu": rate * flops / peak if math.isfinite(peak) else None,
+                    "matmul_peak_flops": peak if math.isfinite(peak) else None,
+                    "num_parameters": num_params,
                     "mesh": dict(mesh.shape), "padded_targets": network.num_padded}}
 
 
@@ -331,12 +333,12 @@ def _run_one(config, workdir: str, data: sources.Data) -> dict[str, Any]:
       # Restoring for the report takes every process; run it afterwards instead.
       logging.info("Write the per-gene report with: python -m lsmtl_jax.report --workdir=%s",
                    workdir)
-    elif config.report:
+    elif config.report and "test" in run["splits"]:
       path = report.write_report(workdir, inference.load_run(workdir, jax.local_devices()))
       logging.info("Per-gene report: %s", os.path.join(path, "report.html"))
-  test = run["splits"]["test"]
-  logging.info("%s test MAE %.4f ± %.4f, CC %.4f ± %.4f", method.label,
-               test["mae_mean"], test["mae_std"], test["cc_mean"], test["cc_std"])
+  for name, split in run["splits"].items():
+    logging.info("%s %s MAE %.4f ± %.4f, CC %.4f ± %.4f", method.label, name,
+                 split["mae_mean"], split["mae_std"], split["cc_mean"], split["cc_std"])
   return results
 
 

@@ -54,10 +54,24 @@ class EvalSet:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """The training dataset and where validation and test rows come from."""
+  """The training dataset, the rows training uses, and where validation and
+  test rows come from."""
 
   train: store.Dataset
   eval_sets: dict[str, EvalSet]
+  train_indices: np.ndarray
+
+
+def train_indices(config: ml_collections.ConfigDict, dataset: store.Dataset) -> np.ndarray:
+  """The training split's rows, or data.max_train of them: a subset drawn with
+  a fixed seed (not the run's), so every method and seed of a study sees the
+  same profiles, and a smaller subset is part of a larger one."""
+  rows = dataset.split(config.data.train_split)
+  limit = config.data.get("max_train", 0)
+  if 0 < limit < len(rows):
+    picked = np.random.default_rng(20260).permutation(len(rows))[:limit]
+    rows = np.sort(rows[picked])
+  return rows
 
 
 def load_data(config: ml_collections.ConfigDict) -> Data:
@@ -67,6 +81,8 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   eval_sets = {}
   for name, path, split in (("val", config.data.val_path, config.data.val_split),
                             ("test", config.data.test_path, config.data.test_split)):
+    if name == "test" and not split:  # a tuning candidate: test is never looked at
+      continue
     ds = open_prepared(path) if path else train_ds
     if ds is not train_ds:
       for kind in ("landmarks", "targets"):
@@ -74,4 +90,4 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
           raise store.DatasetError(f"{path}: its {kind} differ from the training dataset's "
                                    f"({train_ds.path}); prepare both with the same gene maps")
     eval_sets[name] = EvalSet(ds, ds.split(split))
-  return Data(train_ds, eval_sets)
+  return Data(train_ds, eval_sets, train_indices(config, train_ds))

@@ -31,11 +31,13 @@ class Tunable:
 
   `values` are the candidates in search order; `scale` says how they are spaced
   ('log' or 'linear'; 'choice' for switches), for plots and for refining.
+  `implies` are settings a searched value needs (e.g. weight decay: AdamW).
   """
 
   field: str
   values: tuple[Any, ...]
   scale: str = "log"
+  implies: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,8 +71,10 @@ def _no_extra_memory(config, num_targets, trunk_width):
 
 
 _NETWORK = dict(build=build, loss=loss, memory=_no_extra_memory)
-# The trunk's regularization, searched for every DenseNet-based method alike.
+# The trunk's regularization, searched for the networks alike.
 DROPOUT = base.Tunable("model.dropout", (0.0, 0.1, 0.3), "linear")
+WEIGHT_DECAY = base.Tunable("optim.weight_decay", (0.0, 1e-4, 1e-3),
+                            implies={"optim.name": "adamw"})
 
 DEEP_LSMTL = base.Method(
     name="deep_lsmtl", label="Deep-LSMTL", **_NETWORK,
@@ -84,10 +86,10 @@ DEEP_LSMTL = base.Method(
               DROPOUT))
 DENSENET = base.Method(
     name="densenet", label="DenseNet", **_NETWORK,
-    fixed={"model.trunk": "densenet", "lsmtl.lam": 0.0}, tunables=(DROPOUT,))
+    fixed={"model.trunk": "densenet", "lsmtl.lam": 0.0}, tunables=(DROPOUT, WEIGHT_DECAY))
 DGEX = base.Method(
     name="dgex", label="D-GEX", **_NETWORK,
     fixed={"model.trunk": "mlp", "model.activation": "tanh", "lsmtl.lam": 0.0},
-    tunables=(DROPOUT,))
+    tunables=(DROPOUT, WEIGHT_DECAY))
 
 METHODS = (DEEP_LSMTL, DENSENET, DGEX)

@@ -27,10 +27,12 @@ from lsmtl_jax.data.store import Dataset
 from lsmtl_jax.methods import base
 
 
-def load_split(dataset: Dataset, split: str, batch_size: int,
+def load_split(dataset: Dataset, split: str | np.ndarray, batch_size: int,
                prefetch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) of a split (a name or its row indices), in float32."""
+  rows = dataset.split(split) if isinstance(split, str) else split
   xs, ys = [], []
-  for batch in loader.eval_batches(dataset, dataset.split(split), batch_size, prefetch):
+  for batch in loader.eval_batches(dataset, rows, batch_size, prefetch):
     keep = batch["weight"] > 0
     xs.append(batch["x"][keep])
     ys.append(batch["y"][keep])
@@ -98,7 +100,7 @@ def _fit(config, data: Data) -> dict[str, Any]:
   validation MAE is reported on both splits."""
   cfg = config.knn
   start = time.perf_counter()
-  train_x, train_y = load_split(data.train, config.data.train_split,
+  train_x, train_y = load_split(data.train, data.train_indices,
                                 config.train.eval_batch_size, config.data.prefetch)
   search = Neighbours(train_x, cfg.train_block)
   train_y = jnp.asarray(train_y)

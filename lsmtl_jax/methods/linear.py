@@ -29,14 +29,16 @@ from lsmtl_jax.methods import base
 from lsmtl_jax.methods import lasso
 
 
-def moments(dataset: Dataset, split: str, batch_size: int,
+def moments(dataset: Dataset, split: str | np.ndarray, batch_size: int,
             prefetch: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(mean_x, mean_y, Cxx, Cxy) of a split, accumulated in float64 in one pass."""
+  """(mean_x, mean_y, Cxx, Cxy) of a split (a name or its row indices),
+  accumulated in float64 in one pass."""
+  rows = dataset.split(split) if isinstance(split, str) else split
   num_l, num_t = dataset.num_landmarks, dataset.num_targets
   n = 0.0
   sum_x, sum_y = np.zeros(num_l), np.zeros(num_t)
   xtx, xty = np.zeros((num_l, num_l)), np.zeros((num_l, num_t))
-  for batch in loader.eval_batches(dataset, dataset.split(split), batch_size, prefetch):
+  for batch in loader.eval_batches(dataset, rows, batch_size, prefetch):
     keep = batch["weight"] > 0
     x = batch["x"][keep].astype(np.float64)
     y = batch["y"][keep].astype(np.float64)
@@ -51,7 +53,7 @@ def moments(dataset: Dataset, split: str, batch_size: int,
   return mean_x, mean_y, cxx, cxy
 
 
-def fit(dataset: Dataset, split: str, batch_size: int, ridge: float,
+def fit(dataset: Dataset, split: str | np.ndarray, batch_size: int, ridge: float,
         prefetch: int = 4) -> tuple[np.ndarray, np.ndarray]:
   mean_x, mean_y, cxx, cxy = moments(dataset, split, batch_size, prefetch)
   weights = np.linalg.solve(cxx + ridge * np.eye(dataset.num_landmarks), cxy)
@@ -80,7 +82,7 @@ def evaluate(config, data: Data, weights, bias):
 
 def _fit_lsr(config, data: Data) -> dict[str, Any]:
   start = time.perf_counter()
-  weights, bias = fit(data.train, config.data.train_split, config.train.eval_batch_size,
+  weights, bias = fit(data.train, data.train_indices, config.train.eval_batch_size,
                       config.lsr.ridge, config.data.prefetch)
   seconds = time.perf_counter() - start
   splits, stats = evaluate(config, data, weights, bias)
@@ -89,7 +91,7 @@ def _fit_lsr(config, data: Data) -> dict[str, Any]:
 
 def _fit_lsr_l1(config, data: Data) -> dict[str, Any]:
   start = time.perf_counter()
-  mean_x, mean_y, cxx, cxy = moments(data.train, config.data.train_split,
+  mean_x, mean_y, cxx, cxy = moments(data.train, data.train_indices,
                                      config.train.eval_batch_size, config.data.prefetch)
   cfg = config.lsr_l1
   path = lasso.path(mean_x, mean_y, cxx, cxy, cfg.alphas, cfg.max_iters, cfg.tol,
@@ -111,7 +113,7 @@ def _fit_lsr_l1(config, data: Data) -> dict[str, Any]:
 
 
 def _result(config, data, seconds, splits, stats, weights, extra):
-  n_train = len(data.train.split(config.data.train_split))
+  n_train = len(data.train_indices)
   return {"steps": 1, "train_seconds": seconds, "examples_per_sec": n_train / seconds,
           "splits": splits, "gene_stats": stats,
           "extra": {"num_parameters": int(weights.size + data.train.num_targets), **extra}}

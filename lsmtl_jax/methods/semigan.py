@@ -119,7 +119,8 @@ _COMMON = dict(
     # The generator is a fully connected network, as in SemiGAN; no LSMTL term.
     fixed={"model.trunk": "mlp", "model.activation": "leaky_relu", "lsmtl.lam": 0.0},
     checks=_checks, build=build, memory=lambda config, num_targets, trunk_width: (0, ""),
-    tunables=(base.Tunable("semigan.adversarial", (1e-3, 1e-2, 1e-1, 1.0)),))
+    tunables=(base.Tunable("semigan.adversarial", (1e-3, 1e-2, 1e-1, 1.0)),
+              base.Tunable("model.dropout", (0.0, 0.1, 0.3), "linear")))
 
 SEMIGAN = base.Method(name="semigan", label="SemiGAN",
                       loss=functools.partial(_loss, semi_supervised=False), **_COMMON)
