@@ -25,6 +25,7 @@ scipy's default 'wilcox' method does).
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import hashlib
 import importlib.util
@@ -133,16 +134,23 @@ def _run_child(run_dir: str) -> None:
   fileio.write_json(os.path.join(run_dir, USAGE_NAME), usage)
 
 
-def execute(planned: dict[str, dict], workdir: str, log_dir: str | None = None) -> dict:
-  """Runs every incomplete run, one process each; {name: 'done'|'skipped'|'oom'|'failed'}."""
+def execute(planned: dict[str, dict], workdir: str, jobs: int = 1) -> dict:
+  """Runs every incomplete run, one process each and up to `jobs` at a time
+  (compiling is mostly single-threaded, so two short runs share 2 cores
+  better than one); {name: 'done'|'skipped'|'oom'|'failed'}."""
   status = {}
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  todo = []
   for i, (name, run) in enumerate(planned.items()):
     run_dir = os.path.join(workdir, "runs", name)
     if is_complete(run_dir):
       status[name] = "oom" if os.path.exists(os.path.join(run_dir, OOM_NAME)) else "skipped"
       logging.info("[%d/%d] %s: complete, skipped", i + 1, len(planned), name)
-      continue
+    else:
+      todo.append((i, name, run, run_dir))
+
+  def run_one(item):
+    i, name, run, run_dir = item
     os.makedirs(run_dir, exist_ok=True)
     fileio.write_json(os.path.join(run_dir, RUN_CONFIG_NAME), run["config"].to_dict())
     logging.info("[%d/%d] %s: running", i + 1, len(planned), name)
@@ -151,15 +159,15 @@ def execute(planned: dict[str, dict], workdir: str, log_dir: str | None = None) 
       proc = subprocess.run([sys.executable, "-m", "lsmtl_jax.experiments",
                              f"--run_dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT,
                             cwd=repo, env=os.environ.copy(), check=False)
-    seconds = time.perf_counter() - start
-    if proc.returncode == 0:
-      status[name] = "done"
-    elif proc.returncode == OOM_EXIT:
-      status[name] = "oom"
-    else:
-      status[name] = "failed"
-    logging.info("[%d/%d] %s: %s in %.0f s", i + 1, len(planned), name, status[name], seconds)
-  return status
+    result = {0: "done", OOM_EXIT: "oom"}.get(proc.returncode, "failed")
+    logging.info("[%d/%d] %s: %s in %.0f s", i + 1, len(planned), name, result,
+                 time.perf_counter() - start)
+    return name, result
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    for name, result in pool.map(run_one, todo):
+      status[name] = result
+  return {name: status[name] for name in planned}
 
 
 # ----------------------------------------------------------------------------
@@ -640,14 +648,14 @@ def _tuned_entries(runs: list[dict]) -> list[dict]:
   return out
 
 
-def run_tuned(config, entries: list[dict], workdir: str) -> tuple[dict, dict]:
+def run_tuned(config, entries: list[dict], workdir: str, jobs: int = 1) -> tuple[dict, dict]:
   """Candidates, the choice on validation, then seeds (tuning.py); returns
   ({entry key: aggregated row}, {run name: status})."""
   from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
   from lsmtl_jax.methods import registry  # pylint: disable=g-import-not-at-top
   first = plan(config, [r for e in entries
                         for r in tuning.candidate_runs(e, registry.get(e["method"]))])
-  status = execute(first, workdir)
+  status = execute(first, workdir, jobs)
   first_rows = collect(first, workdir)
   second_runs, chosen = [], {}
   for e in entries:
@@ -660,7 +668,7 @@ def run_tuned(config, entries: list[dict], workdir: str) -> tuple[dict, dict]:
                    best["splits"]["val"]["mae_mean"], len(rows))
       second_runs += tuning.seed_runs(e, best["tuning"]["setting"])
   second = plan(config, second_runs)
-  status.update(execute(second, workdir))
+  status.update(execute(second, workdir, jobs))
   second_rows = collect(second, workdir)
   out = {}
   for e in entries:
@@ -670,7 +678,8 @@ def run_tuned(config, entries: list[dict], workdir: str) -> tuple[dict, dict]:
   return out, status
 
 
-def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir: str,
+                   jobs: int = 1) -> dict:
   """Plans, runs what is missing, and writes the tables and figures."""
   module = _load_module(config_path)
   workdir = os.path.abspath(workdir)  # runs train from the repository's folder
@@ -682,8 +691,8 @@ def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir:
   planned = plan(config, [r for r in runs if not r.get("tune")])
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  status = execute(planned, workdir)
-  tuned_rows, tuned_status = run_tuned(config, tuned, workdir) if tuned else ({}, {})
+  status = execute(planned, workdir, jobs)
+  tuned_rows, tuned_status = run_tuned(config, tuned, workdir, jobs) if tuned else ({}, {})
   status.update(tuned_status)
   seconds = time.perf_counter() - start
   header = getattr(module, "TITLE", os.path.basename(config_path))
@@ -698,6 +707,7 @@ def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir:
 
 flags.DEFINE_string("workdir", None, "Directory of the experiment (runs/, tables, figures).")
 flags.DEFINE_string("run_dir", None, "Internal: train the one run prepared in this directory.")
+flags.DEFINE_integer("jobs", 1, "Runs trained at the same time, each its own process.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 
 
@@ -711,7 +721,7 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   path = config_flags.get_config_filename(FLAGS["config"])
   try:
-    result = run_experiment(path, FLAGS.config, FLAGS.workdir)
+    result = run_experiment(path, FLAGS.config, FLAGS.workdir, FLAGS.jobs)
   except KeyError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

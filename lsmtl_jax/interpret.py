@@ -33,6 +33,7 @@ import numpy as np
 
 from lsmtl_jax import fileio
 from lsmtl_jax import inference
+from lsmtl_jax import kmeans
 from lsmtl_jax import relevance
 from lsmtl_jax.data import store
 
@@ -98,9 +99,9 @@ def interpret(workdir: str, split: str = "val", num_samples: int = 1000,
   log(f"relevance matrix {matrix.shape} over {len(sub)} profiles: "
       f"{time.perf_counter() - t0:.1f} s")
   samples = relevance.per_sample(graph, x, **kw)
-  t_labels, _ = relevance.kmeans(relevance.unit_rows(matrix), target_clusters, seed)
-  l_labels, _ = relevance.kmeans(relevance.unit_rows(matrix.T), landmark_groups, seed)
-  s_labels, _ = relevance.kmeans(relevance.unit_rows(samples), sample_clusters, seed)
+  t_labels, _ = kmeans.kmeans(relevance.unit_rows(matrix), target_clusters, seed)
+  l_labels, _ = kmeans.kmeans(relevance.unit_rows(matrix.T), landmark_groups, seed)
+  s_labels, _ = kmeans.kmeans(relevance.unit_rows(samples), sample_clusters, seed)
   n_t, n_l, n_s = t_labels.max() + 1, l_labels.max() + 1, s_labels.max() + 1
   by_target = relevance.by_target_groups(graph, x, t_labels, n_t, **kw)  # [n_t, L]
   by_sample = np.stack([samples[s_labels == c].mean(0) for c in range(n_s)])  # [n_s, L]

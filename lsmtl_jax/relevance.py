@@ -272,50 +272,6 @@ def _batched(fn, x: np.ndarray, batch: int) -> np.ndarray:
   return np.concatenate(parts)
 
 
-# Clustering: seeded k-means (k-means++ initialization, Lloyd iterations), numpy.
-
-
-def kmeans(data: np.ndarray, k: int, seed: int = 0, iterations: int = 100,
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """(labels [n], centres [k, d]) of float64 k-means; the same seed gives the same result.
-
-  Clusters are numbered by decreasing size (ties by first member), so labels do
-  not depend on the initialization's order. k is capped at the number of rows.
-  """
-  data = np.asarray(data, np.float64)
-  n = len(data)
-  k = max(1, min(k, n))
-  rng = np.random.default_rng([seed, 11])
-  centres = np.empty((k, data.shape[1]))
-  centres[0] = data[rng.integers(n)]
-  d2 = np.square(data - centres[0]).sum(1)
-  for c in range(1, k):
-    total = d2.sum()
-    pick = rng.choice(n, p=d2 / total) if total > 0 else rng.integers(n)
-    centres[c] = data[pick]
-    d2 = np.minimum(d2, np.square(data - centres[c]).sum(1))
-  labels = np.full(n, -1)
-  for _ in range(iterations):
-    dist = (np.square(data).sum(1)[:, None] - 2 * data @ centres.T
-            + np.square(centres).sum(1)[None])
-    new = np.argmin(dist, axis=1)
-    for c in range(k):  # an emptied cluster takes the point farthest from its centre
-      if not (new == c).any():
-        far = int(np.argmax(dist[np.arange(n), new]))
-        new[far] = c
-    if np.array_equal(new, labels):
-      break
-    labels = new
-    for c in range(k):
-      centres[c] = data[labels == c].mean(0)
-  sizes = np.bincount(labels, minlength=k)
-  first = np.array([np.flatnonzero(labels == c)[0] for c in range(k)])
-  order = np.lexsort((first, -sizes))  # new cluster i is old cluster order[i]
-  rename = np.empty(k, np.int64)
-  rename[order] = np.arange(k)
-  return rename[labels], centres[order]
-
-
 def unit_rows(m: np.ndarray) -> np.ndarray:
   """Rows scaled to unit L2 norm, so k-means groups by pattern, not by magnitude."""
   norm = np.linalg.norm(m, axis=1, keepdims=True)

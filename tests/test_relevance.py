@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lsmtl_jax import kmeans
 from lsmtl_jax import models
 from lsmtl_jax import relevance
 
@@ -171,18 +172,18 @@ def test_kmeans_is_seeded_and_finds_separated_groups():
   sizes = [40, 30, 20, 10]
   data = np.concatenate([c + rng.normal(0, 0.1, (n, 3)) for c, n in zip(centres, sizes)])
   truth = np.repeat(np.arange(4), sizes)
-  labels, found = relevance.kmeans(data, 4, seed=3)
+  labels, found = kmeans.kmeans(data, 4, seed=3)
   # Clusters are numbered by size, so they come out as the generating groups.
   np.testing.assert_array_equal(labels, truth)
   np.testing.assert_allclose(found, centres, atol=0.1)
-  again, _ = relevance.kmeans(data, 4, seed=3)
+  again, _ = kmeans.kmeans(data, 4, seed=3)
   np.testing.assert_array_equal(again, labels)
   noise = rng.normal(size=(200, 5))
-  a, _ = relevance.kmeans(noise, 7, seed=1)
-  b, _ = relevance.kmeans(noise, 7, seed=1)
+  a, _ = kmeans.kmeans(noise, 7, seed=1)
+  b, _ = kmeans.kmeans(noise, 7, seed=1)
   np.testing.assert_array_equal(a, b)
   assert len(set(a)) == 7
-  assert len(set(relevance.kmeans(noise[:3], 10, seed=0)[0])) == 3  # k capped at n
+  assert len(set(kmeans.kmeans(noise[:3], 10, seed=0)[0])) == 3  # k capped at n
 
 
 def test_interpret_writes_heatmaps_and_arrays(tmp_path_factory):

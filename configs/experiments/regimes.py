@@ -12,8 +12,9 @@ budget: lam = 0 tries three dropout rates, Deep-LSMTL three values of lam
 (dropout 0.1); each arm's setting is chosen on validation MAE from one seed,
 then rerun with three seeds and evaluated on test once per seed
 (lsmtl_jax/tuning.py). Other readings of the loss (docs/method.md) run at
-one width and are paired with the lam = 0 arm of the same reading (LSR head
-initialisation changes both arms) or of the default reading.
+one width on the GEO-shaped compendium and are paired with the lam = 0 arm of
+the same reading (LSR head initialisation changes both arms) or of the
+default reading. 234 runs; about an hour on 2 CPU cores.
 
 Outputs: regimes.png (gain vs training profiles, one curve per width, seed
 error bars), regimes.md / regimes.json (every cell, chosen settings, per-seed
@@ -50,7 +51,7 @@ def get_config():
       # Other readings, at the first width: name -> overrides of both arms
       # ('lam0' marks one that also changes the lam = 0 arm).
       readings=("detach_input", "warmup", "relation_lr", "lsr_head"),
-      reading_width=128,
+      reading_width=128, reading_datasets=("geo_shaped",),
       lam_values=(0.01, 0.1, 1.0),
       dropout_values=(0.0, 0.1, 0.3),
       seeds=3,
@@ -73,8 +74,15 @@ def _geo_dir(config, workdir):
 
 
 def prepare(config, workdir):
-  """The GEO-shaped compendium: a GCTx with generated D-GEX-style maps, prepared
-  as configs/prepare/geo.py prepares GEO (written once, then reused)."""
+  """The synthetic compendium (generated once into the cache, before runs start
+  side by side), and the GEO-shaped one: a GCTx with generated D-GEX-style maps,
+  prepared as configs/prepare/geo.py prepares GEO (written once, then reused)."""
+  if "synthetic" in config.study.datasets:
+    from lsmtl_jax import config_lib  # pylint: disable=g-import-not-at-top
+    from lsmtl_jax.data import sources  # pylint: disable=g-import-not-at-top
+    synthetic = config_lib.resolve(config)
+    synthetic.data.synthetic.enabled = True
+    sources.load_dataset(synthetic)
   if "geo_shaped" not in config.study.datasets:
     return
   out = _geo_dir(config, workdir)
@@ -129,7 +137,8 @@ def get_runs(config, workdir=None):
   for dataset in s.datasets:
     for n in s.n_train:
       for width in s.widths:
-        readings = ["default"] + (list(s.readings) if width == s.reading_width else [])
+        readings = ["default"] + (list(s.readings) if width == s.reading_width
+                                  and dataset in s.reading_datasets else [])
         for reading in readings:
           extra, both_arms = READINGS.get(reading, ({}, False))
           base = {**_cell(config, dataset, n, width, geo), **extra}

@@ -25,67 +25,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-
-def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-  centres = np.empty((k, x.shape[1]))
-  centres[0] = x[rng.integers(len(x))]
-  d2 = np.sum((x - centres[0]) ** 2, axis=1)
-  for c in range(1, k):
-    total = d2.sum()
-    pick = rng.integers(len(x)) if total <= 0 else rng.choice(len(x), p=d2 / total)
-    centres[c] = x[pick]
-    d2 = np.minimum(d2, np.sum((x - centres[c]) ** 2, axis=1))
-  return centres
-
-
-def assign(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-  d2 = (np.sum(centres ** 2, axis=1)[None, :] - 2.0 * (x @ centres.T))
-  return np.argmin(d2, axis=1).astype(np.int32)
-
-
-class MiniBatchKMeans:
-  """Streaming mini-batch k-means; feed row blocks with `update`."""
-
-  def __init__(self, num_clusters: int, seed: int):
-    self.k = num_clusters
-    self.rng = np.random.default_rng([seed, 11])
-    self.centres: np.ndarray | None = None
-    self.counts = np.zeros(num_clusters)
-    self._pending: list[np.ndarray] = []
-
-  def update(self, x: np.ndarray) -> None:
-    if self.centres is None:
-      # Initialize once enough rows have been seen for k-means++ to pick from.
-      self._pending.append(x)
-      if sum(len(p) for p in self._pending) < 4 * self.k:
-        return
-      x = np.concatenate(self._pending)
-      self._pending = []
-      self.centres = kmeans_plus_plus(x, self.k, self.rng)
-    labels = assign(x, self.centres)
-    n_c = np.bincount(labels, minlength=self.k).astype(np.float64)
-    onehot = np.zeros((len(x), self.k))
-    onehot[np.arange(len(x)), labels] = 1.0
-    sums = onehot.T @ x
-    seen = n_c > 0
-    total = self.counts + n_c
-    self.centres[seen] = ((self.centres[seen] * self.counts[seen, None] + sums[seen])
-                          / total[seen, None])
-    self.counts = total
-
-  def restrict(self, columns: np.ndarray) -> None:
-    """Keeps only these feature columns (genes dropped after the k-means pass)."""
-    if self.centres is not None:
-      self.centres = self.centres[:, columns]
-    self._pending = [p[:, columns] for p in self._pending]
-
-  def finish(self) -> np.ndarray:
-    if self.centres is None:  # fewer rows than 4k: plain k-means++ on all of them
-      x = np.concatenate(self._pending)
-      self._pending = []
-      self.centres = kmeans_plus_plus(x, min(self.k, len(x)), self.rng)
-      self.k = len(self.centres)
-    return self.centres
+from lsmtl_jax.kmeans import MiniBatchKMeans
+from lsmtl_jax.kmeans import assign
 
 
 def sketch_basis(centres: np.ndarray, dim: int, seed: int) -> np.ndarray:

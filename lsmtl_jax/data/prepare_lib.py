@@ -41,6 +41,7 @@ import numpy as np
 import tensorstore as ts
 
 from lsmtl_jax import __version__
+from lsmtl_jax import kmeans as kmeans_lib
 from lsmtl_jax.data import dedup
 from lsmtl_jax.data import formats
 from lsmtl_jax.data import store
@@ -459,7 +460,7 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
   num_bad, first_bad = 0, None
   num_blocks = -(-n // stream.block_rows)
   block_order = np.random.default_rng([cfg.seed, 10]).permutation(num_blocks)
-  kmeans = (dedup.MiniBatchKMeans(min(cfg.dedup.num_clusters, n), cfg.seed)
+  kmeans = (kmeans_lib.MiniBatchKMeans(min(cfg.dedup.num_clusters, n), cfg.seed)
             if cfg.dedup.enabled else None)
   for start, raw, genes in stream.blocks(order=block_order if kmeans else None):
     finite = np.isfinite(genes)
