@@ -85,6 +85,7 @@ EXPERIMENT = textwrap.dedent("""
       config.data.cache_dir = {cache!r}
       config.lsmtl.bottleneck = 8
       config.train.eval_batch_size = 40
+      config.train.batch_size = 16
       config.study.update(dict(datasets=("geo_shaped",), n_train=(60,), widths=(8,),
                                readings=(), seeds=2, lam_values=(0.1, 1.0),
                                dropout_values=(0.0, 0.1), min_steps=6, max_steps=6,
