@@ -63,8 +63,20 @@ def test_results_json_has_the_documented_keys(uninterrupted):
     assert s["expression_units"]["cc_mean"] == pytest.approx(s["cc_mean"], abs=1e-4)
   assert json.load(open(workdir / "config.json"))["model"]["hidden"] == 16
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+  scalars = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [s["step"] for s in scalars if "train/loss" in s] == list(range(4, STEPS + 1, 4))
+  assert all(np.isfinite(s["train/rec_loss"]) for s in scalars if "train/loss" in s)
   assert os.path.isdir(workdir / "checkpoints" / "latest" / str(STEPS))
   assert os.listdir(workdir / "checkpoints" / "best")
+
+
+def test_a_run_shorter_than_one_log_window_reports_its_rate(tmp_path, cache):
+  # The first step (the compilation) is not timed; the rest are, even when no
+  # log window completes before the end.
+  config = _tiny(cache)
+  config.train.num_steps, config.train.log_every, config.train.eval_every = 3, 100, 100
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["steps"] == 3 and results["examples_per_sec"] > 0
 
 
 def test_training_learns(uninterrupted, cache):
