@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: train on this many profiles of the training split (a fixed-seed subset,
   # the same for every method and seed), e.g. for a learning curve.
   config.data.max_train = 0
+  # > 0: hold this fraction of the validation split out (a fixed-seed subset)
+  # to calibrate prediction intervals; training never evaluates on it.
+  config.data.calibration_fraction = 0.0
   config.data.val_split = "val"
   config.data.test_split = "test"
 

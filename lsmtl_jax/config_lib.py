@@ -52,7 +52,8 @@ def with_method_sections(config: Config) -> Config:
 
 # Fields added after configs were first saved in workdirs, with the value that
 # reproduces the behaviour from before they existed.
-_LATER_FIELDS = {"memory.limit_gb": 0.0, "data.max_train": 0, "lsmtl.detach_input": False,
+_LATER_FIELDS = {"memory.limit_gb": 0.0, "data.max_train": 0, "data.calibration_fraction": 0.0,
+                 "lsmtl.detach_input": False,
                  "lsmtl.warmup_steps": 0, "lsmtl.relation_lr_scale": 1.0,
                  "model.head_init": "default", "train.measure_peak": True}
 
@@ -122,6 +123,10 @@ def _checks(config: Config):
          "train.num_steps or train.num_epochs must be positive")
   yield config.lsr.ridge >= 0, f"lsr.ridge must be >= 0, got {config.lsr.ridge}"
   yield config.data.max_train >= 0, f"data.max_train must be >= 0, got {config.data.max_train}"
+  fraction = config.data.calibration_fraction
+  yield (isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+         and 0 <= fraction < 1,
+         f"data.calibration_fraction must be in [0, 1), got {fraction!r}")
   yield (config.memory.limit_gb >= 0,
          f"memory.limit_gb must be >= 0, got {config.memory.limit_gb}")
   for other in config.compare_with:

@@ -4,6 +4,10 @@ compendium or a prepared directory) and its validation and test sets.
 Validation and test are splits of the training dataset or, in the
 cross-platform setting (data.val_path / data.test_path), the named split of
 another prepared dataset with the same genes in the same order.
+
+data.calibration_fraction > 0 holds that fraction of the validation rows out
+(a fixed-seed subset): training never evaluates on them, so they can calibrate
+prediction intervals (lsmtl_jax/intervals.py) without having chosen the model.
 """
 
 from __future__ import annotations
@@ -54,12 +58,13 @@ class EvalSet:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """The training dataset, the rows training uses, and where validation and
-  test rows come from."""
+  """The training dataset, the rows training uses, where validation and test
+  rows come from, and the calibration rows held out of validation (or None)."""
 
   train: store.Dataset
   eval_sets: dict[str, EvalSet]
   train_indices: np.ndarray
+  calibration: EvalSet | None = None
 
 
 def train_indices(config: ml_collections.ConfigDict, dataset: store.Dataset) -> np.ndarray:
@@ -74,20 +79,67 @@ def train_indices(config: ml_collections.ConfigDict, dataset: store.Dataset) -> 
   return rows
 
 
+def eval_set(config: ml_collections.ConfigDict, name: str, train_ds: store.Dataset) -> EvalSet:
+  """All rows of the 'val' or 'test' split, from the training dataset or data.<name>_path."""
+  path, split = config.data[f"{name}_path"], config.data[f"{name}_split"]
+  ds = open_prepared(path) if path else train_ds
+  if ds is not train_ds:
+    for kind in ("landmarks", "targets"):
+      if ds.meta[kind]["ids"] != train_ds.meta[kind]["ids"]:
+        raise store.DatasetError(f"{path}: its {kind} differ from the training dataset's "
+                                 f"({train_ds.path}); prepare both with the same gene maps")
+  return EvalSet(ds, ds.split(split))
+
+
+CALIBRATION_SEED = 20261  # fixed: the same rows for every method and seed
+
+
+def split_off_calibration(rows: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(validation rows, calibration rows): round(fraction * n) of `rows`, drawn
+  with a fixed seed from the sorted rows (so their order does not matter),
+  held out; both sorted."""
+  rows = np.sort(np.asarray(rows, np.int64))
+  count = int(round(fraction * len(rows)))
+  if not 0 < count < len(rows):
+    raise store.DatasetError(
+        f"config.data.calibration_fraction={fraction:g} of {len(rows)} validation rows "
+        f"leaves {count} for calibration and {len(rows) - count} for validation; both need "
+        "at least one")
+  held = np.zeros(len(rows), bool)
+  held[np.random.default_rng(CALIBRATION_SEED).permutation(len(rows))[:count]] = True
+  return np.sort(rows[~held]), np.sort(rows[held])
+
+
+def calibration_fraction(config: ml_collections.ConfigDict) -> float:
+  return float(config.data.get("calibration_fraction", 0.0))
+
+
+def calibration_set(config: ml_collections.ConfigDict,
+                    train_ds: store.Dataset) -> tuple[EvalSet, str]:
+  """(rows, source) that calibrate prediction intervals: the held-out
+  calibration rows ('calibration'), or with data.calibration_fraction 0 the
+  whole validation split ('validation')."""
+  val = eval_set(config, "val", train_ds)
+  fraction = calibration_fraction(config)
+  if fraction > 0:
+    return EvalSet(val.dataset, split_off_calibration(val.indices, fraction)[1]), "calibration"
+  return val, "validation"
+
+
 def load_data(config: ml_collections.ConfigDict) -> Data:
   train_ds = load_dataset(config)
   if config.data.in_memory:
     train_ds.load_into_memory()
   eval_sets = {}
-  for name, path, split in (("val", config.data.val_path, config.data.val_split),
-                            ("test", config.data.test_path, config.data.test_split)):
-    if name == "test" and not split:  # a tuning candidate: test is never looked at
+  calibration = None
+  for name in ("val", "test"):
+    if name == "test" and not config.data.test_split:  # a tuning candidate: test unseen
       continue
-    ds = open_prepared(path) if path else train_ds
-    if ds is not train_ds:
-      for kind in ("landmarks", "targets"):
-        if ds.meta[kind]["ids"] != train_ds.meta[kind]["ids"]:
-          raise store.DatasetError(f"{path}: its {kind} differ from the training dataset's "
-                                   f"({train_ds.path}); prepare both with the same gene maps")
-    eval_sets[name] = EvalSet(ds, ds.split(split))
-  return Data(train_ds, eval_sets, train_indices(config, train_ds))
+    eval_sets[name] = eval_set(config, name, train_ds)
+  fraction = calibration_fraction(config)
+  if fraction > 0:
+    val = eval_sets["val"]
+    val_rows, calibration_rows = split_off_calibration(val.indices, fraction)
+    eval_sets["val"] = EvalSet(val.dataset, val_rows)
+    calibration = EvalSet(val.dataset, calibration_rows)
+  return Data(train_ds, eval_sets, train_indices(config, train_ds), calibration)
