@@ -8,6 +8,13 @@ landmarks to standardized targets in fixed-size batches sharded over that mesh.
 
 A run counts as finished when training wrote results.json and a best checkpoint
 committed; anything else is refused with a `RunError` naming what is missing.
+
+`load_model(path)` opens a portable model file instead (model_file.py, written
+by python -m lsmtl_jax.export): no workdir, no dataset. Both a `Run` and a
+`Model` offer what prediction reads (the `Usable` interface below): gene ids
+and symbols, the standardization, the landmark quantile reference,
+per-target validation metrics, the intervals' calibration, and the regressor
+with its variables on a mesh, so `Predictor` and predict.py take either.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import numpy as np
 from lsmtl_jax import build
 from lsmtl_jax import checkpoints
 from lsmtl_jax import config_lib
+from lsmtl_jax import intervals
+from lsmtl_jax import metrics
+from lsmtl_jax import model_file
 from lsmtl_jax import parallel
 from lsmtl_jax import results as results_lib
 from lsmtl_jax.data import sources
@@ -35,7 +45,19 @@ from lsmtl_jax.methods import registry
 
 
 class RunError(ValueError):
-  """A run directory that cannot be used; the message names it and what is missing."""
+  """A run directory (or model file) that cannot be used; the message names it
+  and what is missing."""
+
+
+REFERENCE_ROWS = 4096  # training rows averaged into the landmark quantile reference
+READ_ROWS = 512
+
+
+def _scale_and_offset(stats: dict[str, Any], columns: slice) -> tuple[np.ndarray, np.ndarray]:
+  """Per-gene (scale, offset) with expression = z * scale + offset (float64)."""
+  mean = np.asarray(stats["mean"], np.float64)[columns]
+  std = np.asarray(stats["std"], np.float64)[columns]
+  return std + stats["eps"], mean
 
 
 @dataclasses.dataclass
@@ -68,16 +90,64 @@ class Run:
   def num_targets(self) -> int:
     return self.dataset.num_targets
 
+  @property
+  def landmark_symbols(self) -> list[str]:
+    return list(self.meta["landmarks"].get("symbols", self.landmark_ids))
+
+  @property
+  def target_symbols(self) -> list[str]:
+    return list(self.meta["targets"].get("symbols", self.target_ids))
+
   def landmark_scale_and_offset(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-landmark (scale, offset) with expression = z * scale + offset (float64)."""
-    stats = self.meta["standardization"]
-    lo = self.num_landmarks
-    mean = np.asarray(stats["mean"], np.float64)[:lo]
-    std = np.asarray(stats["std"], np.float64)[:lo]
-    return std + stats["eps"], mean
+    return _scale_and_offset(self.meta["standardization"], slice(0, self.num_landmarks))
 
   def target_scale_and_offset(self) -> tuple[np.ndarray, np.ndarray]:
     return self.dataset.target_scale_and_offset()
+
+  def landmark_reference(self, max_rows: int = REFERENCE_ROWS) -> np.ndarray:
+    """Mean sorted landmark profile (expression units, float64) of up to
+    `max_rows` training rows, evenly spaced over the training split: the target
+    of predict's --quantile_map."""
+    train_rows = self.dataset.split(self.config.data.train_split)
+    pick = train_rows[np.unique(np.linspace(0, len(train_rows) - 1,
+                                            min(max_rows, len(train_rows)))
+                                .round().astype(np.int64))]
+    scale, offset = self.landmark_scale_and_offset()
+    total = np.zeros(self.num_landmarks)
+    for start in range(0, len(pick), READ_ROWS):
+      z = self.dataset.read_rows(pick[start:start + READ_ROWS])[:, :self.num_landmarks]
+      total += np.sort(z.astype(np.float64) * scale + offset, axis=1).sum(0)
+    return total / len(pick)
+
+  def validation_metrics(self) -> dict[str, np.ndarray]:
+    """Per-target validation CC and MAE (z and expression units), from the
+    per-gene sums of training's final evaluation (gene_stats.npz)."""
+    stats = results_lib.read_gene_stats(self.workdir)
+    if stats is None or "val" not in stats:
+      raise RunError(f"{self.workdir}: no {results_lib.GENE_STATS_NAME} with val statistics; "
+                     "the run did not finish its final evaluation")
+    scale, offset = self.target_scale_and_offset()
+    genes = metrics.per_gene(stats["val"])
+    return {"cc": genes["cc"], "mae": genes["mae"],
+            "mae_expression": metrics.per_gene(metrics.affine(stats["val"], scale,
+                                                              offset))["mae"]}
+
+  def calibration(self, batch_size: int = 1024) -> intervals.Calibration:
+    """Split-conformal quantiles from the run's held-out calibration rows
+    (data.calibration_fraction > 0) or its validation split, predicted now."""
+    try:
+      held_out, source = sources.calibration_set(self.config, self.dataset)
+    except store.DatasetError as e:
+      raise RunError(f"{self.workdir}: cannot open the calibration rows: {e}") from None
+    rows, dataset = held_out.indices, held_out.dataset
+    predictor = Predictor(self, batch_size)
+    scores = np.empty((len(rows), self.num_targets), np.float32)
+    for start in range(0, len(rows), READ_ROWS):
+      block = dataset.read_rows(rows[start:start + READ_ROWS])
+      predicted = predictor(block[:, :self.num_landmarks])
+      scores[start:start + len(block)] = np.abs(block[:, self.num_landmarks:] - predicted)
+    return intervals.Calibration.from_scores(scores, source)
 
 
 def _read_json(path: str) -> dict:
@@ -131,18 +201,8 @@ def load_run(workdir: str, devices=None) -> Run:
   except store.DatasetError as e:
     raise RunError(f"{workdir}: cannot open the run's dataset: {e}") from None
   mesh = data_mesh(devices)
-  network = build.build_network(config, dataset.num_landmarks, dataset.num_targets, mesh)
-  replicated = parallel.replicated(mesh)
-  regressor = network.regressor
-
-  def init(key):
-    return nn.meta.unbox(regressor.init(key, jnp.zeros((1, dataset.num_landmarks)),
-                                        train=False))
-
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  abstract = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+  regressor, abstract = _regressor_and_abstract(config, dataset.num_landmarks,
+                                                dataset.num_targets, mesh)
   try:
     variables, best_step = checkpoints.read_best(workdir, abstract)
   except checkpoints.CheckpointError as e:
@@ -155,6 +215,106 @@ def load_run(workdir: str, devices=None) -> Run:
              variables=variables, best_step=best_step, mesh=mesh)
 
 
+@dataclasses.dataclass
+class Model:
+  """A portable model file, loaded: what a `Run` offers prediction, without
+  the run's directory or dataset."""
+
+  path: str
+  config: ml_collections.ConfigDict
+  regressor: nn.Module
+  variables: dict[str, Any]  # {'params', 'batch_stats'}, replicated over the mesh
+  best_step: int
+  mesh: jax.sharding.Mesh
+  landmark_ids: list[str]
+  target_ids: list[str]
+  landmark_symbols: list[str]
+  target_symbols: list[str]
+  standardization: dict[str, Any]  # {'mean', 'std': float64 [genes], 'eps'}
+  reference: np.ndarray
+  validation: dict[str, np.ndarray]
+  stored_calibration: intervals.Calibration
+  provenance: dict[str, Any]
+
+  @property
+  def num_landmarks(self) -> int:
+    return len(self.landmark_ids)
+
+  @property
+  def num_targets(self) -> int:
+    return len(self.target_ids)
+
+  def landmark_scale_and_offset(self) -> tuple[np.ndarray, np.ndarray]:
+    return _scale_and_offset(self.standardization, slice(0, self.num_landmarks))
+
+  def target_scale_and_offset(self) -> tuple[np.ndarray, np.ndarray]:
+    return _scale_and_offset(self.standardization, slice(self.num_landmarks, None))
+
+  def landmark_reference(self) -> np.ndarray:
+    return self.reference
+
+  def validation_metrics(self) -> dict[str, np.ndarray]:
+    return self.validation
+
+  def calibration(self, batch_size: int = 1024) -> intervals.Calibration:  # pylint: disable=unused-argument
+    return self.stored_calibration
+
+
+# What predict.py and Predictor read: a finished run or a loaded model file.
+Usable = Run | Model
+
+
+def _regressor_and_abstract(config, num_landmarks: int, num_targets: int, mesh):
+  """The regressor of a resolved config, and ShapeDtypeStructs of its
+  {'params', 'batch_stats'} replicated over `mesh`."""
+  network = build.build_network(config, num_landmarks, num_targets, mesh)
+  replicated = parallel.replicated(mesh)
+  regressor = network.regressor
+
+  def init(key):
+    return nn.meta.unbox(regressor.init(key, jnp.zeros((1, num_landmarks)), train=False))
+
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+  return regressor, abstract
+
+
+def load_model(path: str, devices=None) -> Model:
+  """A model file (python -m lsmtl_jax.export): format, version and every
+  part's sha256 checked; RunError with one line otherwise."""
+  try:
+    contents = model_file.read(path)
+  except model_file.ModelFileError as e:
+    raise RunError(str(e)) from None
+  try:
+    config = config_lib.resolve(ml_collections.ConfigDict(contents.config))
+  except config_lib.ConfigError as e:
+    raise RunError(f"{path}: {e}") from None
+  landmarks, targets = contents.landmarks["ids"], contents.targets["ids"]
+  mesh = data_mesh(devices)
+  regressor, abstract = _regressor_and_abstract(config, len(landmarks), len(targets), mesh)
+  stored = {"params": contents.variables["params"],
+            "batch_stats": contents.variables.get("batch_stats", {})}
+  wanted = jax.tree.map(lambda s: (tuple(s.shape), s.dtype.name), abstract)
+  got = jax.tree.map(lambda a: (tuple(a.shape), a.dtype.name), stored)
+  if wanted != got:
+    raise RunError(f"{path}: the stored variables do not fit the model its config builds "
+                   f"({len(jax.tree.leaves(got))} arrays stored, "
+                   f"{len(jax.tree.leaves(wanted))} expected)")
+  variables = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), stored, abstract)
+  return Model(
+      path=path, config=config, regressor=regressor, variables=variables,
+      best_step=int(contents.provenance.get("best_step", -1)), mesh=mesh,
+      landmark_ids=list(landmarks), target_ids=list(targets),
+      landmark_symbols=list(contents.landmarks.get("symbols", landmarks)),
+      target_symbols=list(contents.targets.get("symbols", targets)),
+      standardization=contents.standardization, reference=contents.landmark_reference,
+      validation=contents.validation, stored_calibration=contents.calibration,
+      provenance=contents.provenance)
+
+
 class Predictor:
   """Standardized landmarks [n, L] -> standardized targets [n, T], in fixed batches.
 
@@ -162,7 +322,7 @@ class Predictor:
   compiled; rows are split over the mesh's 'data' axis.
   """
 
-  def __init__(self, run: Run, batch_size: int = 1024):
+  def __init__(self, run: Usable, batch_size: int = 1024):
     data = run.mesh.shape["data"]
     self.batch_size = int(math.ceil(max(1, batch_size) / data) * data)
     self.run = run
