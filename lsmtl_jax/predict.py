@@ -1,6 +1,10 @@
-"""Infer target genes for new landmark profiles with a trained run.
+"""Infer target genes for new landmark profiles with a trained run or a model file.
 
   python -m lsmtl_jax.predict --workdir=RUN --input=profiles.gctx --output=full.gctx
+  python -m lsmtl_jax.predict --model=MODEL --input=profiles.gctx --output=full.gctx
+
+--model is a portable model file (python -m lsmtl_jax.export): it needs no run
+directory and no dataset, and gives the same numbers as the run it came from.
 
 Input: GCTx, GCT, CSV/TSV (genes as rows) or .npy ([samples, genes] with
 --gene_ids). Landmarks are matched by id, so the input's gene order and any
@@ -25,6 +29,13 @@ imputed, val_cc, val_mae (expression units), val_mae_z and well_inferred
 sidecar OUTPUT.genes.tsv. Output is written to a temporary name and renamed, so
 a failed run leaves nothing behind; the temporary of a killed run carries its pid
 (.OUTPUT.tmp-PID) and the next run of the same output removes it.
+
+--intervals=0.9 also writes per-gene split-conformal prediction intervals
+(lsmtl_jax/intervals.py) at that coverage: OUT.lower.EXT and OUT.upper.EXT
+beside OUT.EXT, in the same format, units, shape and metadata; a target's bounds
+are prediction -+ q, its q from held-out profiles (the calibration rows of
+data.calibration_fraction, or else the validation split); landmarks' bounds
+are their values (NaN where imputed).
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import h5py
 import numpy as np
 
 from lsmtl_jax import inference
-from lsmtl_jax import report
+from lsmtl_jax import intervals as intervals_lib
 from lsmtl_jax.data import formats
 from lsmtl_jax.data import prepare_lib
 from lsmtl_jax.data import store
@@ -47,7 +58,6 @@ from lsmtl_jax.data import store
 UNITS = ("expression", "standardized")
 ROW_META_FIELDS = ("symbol", "is_landmark", "imputed", "val_cc", "val_mae", "val_mae_z",
                    "well_inferred")
-REFERENCE_ROWS = 4096  # training rows averaged into the landmark quantile reference
 # A profile is "unnormalized" for the chosen units when, in the training
 # standardization, its typical landmark sits far outside the training spread.
 MEDIAN_ABS_Z_LIMIT = 4.0
@@ -73,29 +83,16 @@ class Options:
   gene_ids: str = ""
   sample_ids: str = ""
   overwrite: bool = False
+  intervals: float = 0.0  # coverage of the prediction intervals to write; 0: none
 
 
 # Mapping input values to the model's standardized landmarks.
 
 
-def landmark_reference(run: inference.Run, max_rows: int = REFERENCE_ROWS) -> np.ndarray:
-  """Mean sorted landmark profile (expression units) of up to `max_rows` training rows,
-  evenly spaced over the training split: the target of --quantile_map."""
-  train_rows = run.dataset.split(run.config.data.train_split)
-  pick = train_rows[np.unique(np.linspace(0, len(train_rows) - 1, min(max_rows, len(train_rows)))
-                              .round().astype(np.int64))]
-  scale, offset = run.landmark_scale_and_offset()
-  total = np.zeros(run.num_landmarks)
-  for start in range(0, len(pick), 512):
-    z = run.dataset.read_rows(pick[start:start + 512])[:, :run.num_landmarks]
-    total += np.sort(z.astype(np.float64) * scale + offset, axis=1).sum(0)
-  return total / len(pick)
-
-
 class LandmarkMapper:
   """Raw input rows -> standardized landmarks [n, L] (float64) plus checks."""
 
-  def __init__(self, run: inference.Run, gene_ids: list[str], path: str, opts: Options):
+  def __init__(self, run: inference.Usable, gene_ids: list[str], path: str, opts: Options):
     self.path, self.opts = path, opts
     index = {g: i for i, g in enumerate(gene_ids)}
     self.columns = np.array([index.get(g, -1) for g in run.landmark_ids])
@@ -116,7 +113,7 @@ class LandmarkMapper:
     self.scale, self.offset = run.landmark_scale_and_offset()
     self.reference = None
     if opts.quantile_map:
-      ref = landmark_reference(run)
+      ref = run.landmark_reference()
       n_present = int(self.present.sum())
       # With missing landmarks, the present ones take evenly spaced quantiles
       # of the full landmark reference.
@@ -273,14 +270,13 @@ def read_gctx_row_metadata(path: str) -> dict[str, np.ndarray]:
 # The job.
 
 
-def gene_metadata(run: inference.Run, imputed: np.ndarray, threshold: float,
+def gene_metadata(run: inference.Usable, imputed: np.ndarray, threshold: float,
                   predictor=None) -> dict[str, np.ndarray]:
-  val = report.validation_metrics(run)
+  val = run.validation_metrics()
   L, T = run.num_landmarks, run.num_targets
   nan_l = np.full(L, np.nan)
   cc = np.concatenate([nan_l, val["cc"]])
-  symbols = (list(run.meta["landmarks"].get("symbols", run.landmark_ids)) +
-             list(run.meta["targets"].get("symbols", run.target_ids)))
+  symbols = run.landmark_symbols + run.target_symbols
   return {
       "symbol": np.array(symbols, object),
       "is_landmark": np.concatenate([np.ones(L, np.int8), np.zeros(T, np.int8)]),
@@ -306,9 +302,64 @@ def _first_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
+def interval_paths(output_path: str) -> dict[str, str]:
+  """Where --intervals writes the bounds: OUT.lower.EXT and OUT.upper.EXT."""
+  root, ext = os.path.splitext(output_path)
+  return {"lower": f"{root}.lower{ext}", "upper": f"{root}.upper{ext}"}
+
+
+def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_ids, meta,
+                  col_meta) -> None:
+  """One output file, complete or not at all: written under a temporary name
+  (its pid in it), renamed when done."""
+  store.remove_abandoned(path)
+  tmp = store.temp_name(path)
+  try:
+    if out_format == "gctx":  # write_gctx writes under the same temporary name itself
+      formats.write_gctx(path, blocks, sample_ids, gene_ids,
+                         row_meta={field: meta[field] for field in ROW_META_FIELDS},
+                         col_meta=col_meta)
+    elif out_format == "npy":
+      values = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                         shape=(n, len(gene_ids)))
+      start = 0
+      for block in blocks:
+        values[start:start + len(block)] = block
+        start += len(block)
+      values.flush()
+      del values
+      write_genes_sidecar(tmp + ".genes", gene_ids, meta)
+      os.replace(tmp + ".genes", path + ".genes.tsv")
+      os.replace(tmp, path)
+    else:
+      values = np.concatenate(list(blocks)) if n else np.zeros((0, len(gene_ids)))
+      if out_format == "gct":
+        write_gct_with_meta(tmp, values, sample_ids, gene_ids, meta, col_meta)
+      else:  # the delimiter follows the output's name, not the temporary one
+        delimiter = "," if path.lower().endswith(".csv") else "\t"
+        write_table_with_meta(tmp, values, sample_ids, gene_ids, meta, delimiter)
+      os.replace(tmp, path)
+  except BaseException as e:
+    _remove(tmp)
+    _remove(tmp + ".genes")
+    if isinstance(e, OSError):
+      raise PredictError(f"{path}: cannot write: {e.strerror or _first_line(e)}") from None
+    raise
+
+
+def load(workdir: str = "", model: str = "") -> inference.Usable:
+  """The run (--workdir) or the model file (--model): exactly one of them."""
+  if bool(workdir) == bool(model):
+    raise PredictError("give the model to predict with: --workdir=RUN (a finished training "
+                       "run) or --model=MODEL (a file from python -m lsmtl_jax.export), "
+                       "one of them")
+  return inference.load_model(model) if model else inference.load_run(workdir)
+
+
 def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
-                 log=lambda s: None) -> dict:
-  """Runs the whole prediction; returns a summary dict. Raises PredictError,
+                 log=lambda s: None, *, model: str = "") -> dict:
+  """Runs the whole prediction with the run at `workdir` or the model file
+  `model` (one of them); returns a summary dict. Raises PredictError,
   inference.RunError or formats.PrepareError with one-line messages."""
   t0 = time.perf_counter()
   if opts.input_units not in UNITS:
@@ -319,14 +370,29 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     raise PredictError("--block_rows and --batch_size must be positive")
   if not -1.0 <= opts.threshold <= 1.0:
     raise PredictError(f"--threshold is a validation CC, in [-1, 1]; got {opts.threshold:g}")
+  if opts.intervals and not 0 < opts.intervals < 1:
+    raise PredictError(f"--intervals is a coverage in (0, 1), e.g. 0.9; got {opts.intervals:g}")
   if not output_path:
     raise PredictError("--output is empty; name the file to write")
   input_format = opts.input_format if opts.input_format != "auto" else (
       formats.detect_format(input_path, "--input_format"))
-  _check_output(output_path, input_path, opts)
+  bound_paths = interval_paths(output_path) if opts.intervals else {}
+  for path in (output_path, *bound_paths.values()):
+    _check_output(path, input_path, opts)
   out_format = _output_format(output_path, opts, input_format)
 
-  run = inference.load_run(workdir)
+  run = load(workdir, model)
+  calibration = None
+  if opts.intervals:
+    calibration = run.calibration(opts.batch_size)
+    try:
+      calibration.quantile(opts.intervals)
+    except intervals_lib.IntervalError as e:
+      raise PredictError(f"--intervals={opts.intervals:g}: {e}") from None
+    if calibration.source == "validation":
+      log(f"intervals: calibrated on the {calibration.num_profiles} validation profiles, which "
+          "also chose the checkpoint: mildly optimistic (train with "
+          "--config.data.calibration_fraction=0.5 for held-out calibration)")
   matrix = formats.open_matrix(input_path, input_format, gene_ids=opts.gene_ids,
                                sample_ids=opts.sample_ids)
   with matrix:
@@ -344,6 +410,13 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     copy_given = (opts.output_units == opts.input_units and not opts.quantile_map
                   and not mapper.missing)
     n = matrix.num_samples
+    # A temporary left by a killed run of the same output goes; ours carries our pid.
+    store.remove_abandoned(output_path)
+    # The bounds of every block wait in temporaries until the prediction is written.
+    stash = {kind: store.temp_name(output_path, f".{kind}.npy") for kind in bound_paths}
+    bounds = {kind: np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                              shape=(n, len(gene_ids)))
+              for kind, tmp in stash.items()}
 
     def blocks() -> Iterator[np.ndarray]:
       chunk = max(1, matrix.row_chunk)
@@ -358,51 +431,50 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
           lm = z * lm_scale + lm_offset
         else:
           lm = z
+        if bounds:
+          lm_bounds = np.where(mapper.present, lm, np.nan)  # imputed: no interval
+          for kind, values in zip(("lower", "upper"), calibration.bounds(y, opts.intervals)):
+            if opts.output_units == "expression":
+              values = values * tg_scale + tg_offset
+            bounds[kind][start:start + len(raw)] = np.concatenate([lm_bounds, values], axis=1)
         if opts.output_units == "expression":
           y = y * tg_scale + tg_offset
         yield np.concatenate([lm, y], axis=1).astype(np.float32)
 
-    # A temporary left by a killed run of the same output goes; ours carries our pid.
-    store.remove_abandoned(output_path)
-    tmp = store.temp_name(output_path)
+    def stashed(kind: str) -> Iterator[np.ndarray]:
+      for start in range(0, n, opts.block_rows):
+        yield np.asarray(bounds[kind][start:start + opts.block_rows])
+
+    written = []
     try:
-      if out_format == "gctx":  # write_gctx writes under the same temporary name itself
-        formats.write_gctx(output_path, blocks(), matrix.sample_ids, gene_ids,
-                           row_meta={field: meta[field] for field in ROW_META_FIELDS},
-                           col_meta=matrix.column_metadata())
-      elif out_format == "npy":
-        values = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                           shape=(n, len(gene_ids)))
-        start = 0
-        for block in blocks():
-          values[start:start + len(block)] = block
-          start += len(block)
-        values.flush()
-        del values
-        write_genes_sidecar(tmp + ".genes", gene_ids, meta)
-      else:
-        values = np.concatenate(list(blocks())) if n else np.zeros((0, len(gene_ids)))
-        if out_format == "gct":
-          write_gct_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta,
-                              matrix.column_metadata())
-        else:  # the delimiter follows the output's name, not the temporary one
-          delimiter = "," if output_path.lower().endswith(".csv") else "\t"
-          write_table_with_meta(tmp, values, matrix.sample_ids, gene_ids, meta, delimiter)
-      if out_format == "npy":
-        os.replace(tmp + ".genes", output_path + ".genes.tsv")
-      if out_format != "gctx":
-        os.replace(tmp, output_path)
-    except BaseException as e:
-      _remove(tmp)
-      _remove(tmp + ".genes")
-      if isinstance(e, OSError):
-        raise PredictError(f"{output_path}: cannot write: {e.strerror or _first_line(e)}") from None
+      _write_output(out_format, output_path, blocks(), n, matrix.sample_ids, gene_ids, meta,
+                    matrix.column_metadata())
+      written.append(output_path)
+      for kind, path in bound_paths.items():
+        bounds[kind].flush()
+        _write_output(out_format, path, stashed(kind), n, matrix.sample_ids, gene_ids, meta,
+                      matrix.column_metadata())
+        written.append(path)
+    except BaseException:
+      for path in written:  # all of the outputs or none
+        _remove(path)
+        if out_format == "npy":
+          _remove(path + ".genes.tsv")
       raise
+    finally:
+      bounds.clear()
+      for tmp in stash.values():
+        _remove(tmp)
   well = int(meta["well_inferred"].sum())
-  return {"profiles": n, "genes": len(gene_ids), "landmarks": run.num_landmarks,
-          "targets": run.num_targets, "well_inferred": well,
-          "imputed_landmarks": len(mapper.missing), "seconds": time.perf_counter() - t0,
-          "output": output_path, "format": out_format}
+  summary = {"profiles": n, "genes": len(gene_ids), "landmarks": run.num_landmarks,
+             "targets": run.num_targets, "well_inferred": well,
+             "imputed_landmarks": len(mapper.missing), "seconds": time.perf_counter() - t0,
+             "output": output_path, "format": out_format}
+  if calibration is not None:
+    summary.update(intervals=opts.intervals, interval_files=list(bound_paths.values()),
+                   calibration={"source": calibration.source,
+                                "profiles": calibration.num_profiles})
+  return summary
 
 
 def main(argv):
@@ -419,10 +491,10 @@ def main(argv):
                  batch_size=FLAGS.batch_size, block_rows=FLAGS.block_rows,
                  input_format=FLAGS.input_format, output_format=FLAGS.output_format,
                  gene_ids=FLAGS.gene_ids, sample_ids=FLAGS.sample_ids,
-                 overwrite=FLAGS.overwrite)
+                 overwrite=FLAGS.overwrite, intervals=FLAGS.intervals)
   try:
-    s = predict_file(FLAGS.workdir, FLAGS.input, FLAGS.output, opts,
-                     log=lambda m: print(m, file=sys.stderr))
+    s = predict_file(FLAGS.workdir or "", FLAGS.input, FLAGS.output, opts,
+                     log=lambda m: print(m, file=sys.stderr), model=FLAGS.model or "")
   except (PredictError, inference.RunError, formats.PrepareError, store.DatasetError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -430,12 +502,18 @@ def main(argv):
   print(f"predict: {s['profiles']} profiles, {s['genes']} genes ({s['landmarks']} landmarks"
         f"{imputed}, {s['targets']} targets), {s['well_inferred']} of {s['targets']} targets "
         f"well inferred (val CC >= {opts.threshold:g}), {s['seconds']:.1f} s -> {s['output']}")
+  if "intervals" in s:
+    print(f"predict: {100 * s['intervals']:g}% prediction intervals (from "
+          f"{s['calibration']['profiles']} {s['calibration']['source']} profiles) -> "
+          f"{', '.join(s['interval_files'])}")
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "A finished training run.")
+  flags.DEFINE_string("workdir", None, "A finished training run (or --model).")
+  flags.DEFINE_string("model", None, "A model file from python -m lsmtl_jax.export "
+                      "(or --workdir).")
   flags.DEFINE_string("input", None, "Profiles: .gctx/.h5, .gct, .csv/.tsv/.txt or .npy.")
   flags.DEFINE_string("output", None, "Where to write; format from the name.")
   flags.DEFINE_enum("input_units", "expression", UNITS, "Units of the input values.")
@@ -452,6 +530,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("gene_ids", "", "For .npy input: gene ids, one per line.")
   flags.DEFINE_string("sample_ids", "", "For .npy input: sample ids, one per line.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  flags.DEFINE_float("intervals", 0.0, "Also write prediction intervals at this coverage "
+                     "(e.g. 0.9) to OUT.lower.EXT and OUT.upper.EXT; 0: none.")
+  flags.mark_flags_as_required(["input", "output"])
   from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=cli.parse_flags)
