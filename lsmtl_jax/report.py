@@ -10,6 +10,9 @@ Writes WORKDIR/report/ (built in a temporary directory, then renamed):
   training_curves.png   losses and validation MAE/CC from WORKDIR/metrics.jsonl
                         (or the final numbers of results.json when there is
                         no such log)
+  calibration.png       the split-conformal prediction intervals on test:
+                        nominal vs observed coverage per gene, and each gene's
+                        90 % interval width vs its test MAE
   report.html           one page linking all of the above
 
 The per-gene numbers are those of training's final evaluation of the best
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lsmtl_jax import inference
+from lsmtl_jax import intervals
 from lsmtl_jax import metrics
 from lsmtl_jax import fileio
 from lsmtl_jax import results as results_lib
@@ -83,8 +87,7 @@ def read_genes_tsv(path: str) -> dict[str, np.ndarray | list[str]]:
 
 def validation_metrics(run: inference.Run) -> dict[str, np.ndarray]:
   """Per-target validation CC and MAE (z and expression units) of the run."""
-  genes = gene_metrics(run, splits=("val",))["val"]
-  return {"cc": genes["cc"], "mae": genes["mae"], "mae_expression": genes["mae_expression"]}
+  return run.validation_metrics()
 
 
 # Figures.
@@ -186,7 +189,77 @@ def plot_training_curves(path: str, workdir: str) -> str:
   return source
 
 
-def _html(run: inference.Run, genes: dict, picks: dict, curves_source: str) -> str:
+CALIBRATION_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+WIDTH_LEVEL = 0.9
+
+
+def interval_coverage(run: inference.Run, predictor,
+                      calibration: intervals.Calibration) -> dict[str, Any]:
+  """Per-gene test coverage of the prediction intervals at each of
+  CALIBRATION_LEVELS the calibration has enough profiles for, and at
+  WIDTH_LEVEL each gene's interval width and test MAE (expression units)."""
+  try:
+    test = sources.eval_set(run.config, "test", run.dataset)
+  except store.DatasetError as e:
+    raise inference.RunError(f"{run.workdir}: cannot open the run's test data: {e}") from None
+  n_cal = calibration.num_profiles
+  levels = [c for c in CALIBRATION_LEVELS if intervals.conformal_rank(n_cal, c) <= n_cal]
+  q = np.stack([calibration.quantile(c) for c in levels])  # [levels, targets]
+  lm, rows = run.num_landmarks, test.indices
+  inside = np.zeros(q.shape)
+  abs_error = np.zeros(run.num_targets)
+  for start in range(0, len(rows), READ_ROWS):
+    block = test.dataset.read_rows(rows[start:start + READ_ROWS])
+    error = np.abs(block[:, lm:] - predictor(block[:, :lm])).astype(np.float64)
+    inside += (error[None] <= q[:, None, :]).sum(1)
+    abs_error += error.sum(0)
+  scale, _ = run.target_scale_and_offset()
+  width_level = WIDTH_LEVEL if WIDTH_LEVEL in levels else levels[-1]
+  return {"levels": np.array(levels), "coverage": inside / max(len(rows), 1),
+          "width_level": width_level,
+          "width": 2 * calibration.quantile(width_level) * scale,
+          "mae": abs_error / max(len(rows), 1) * scale, "num_test": len(rows),
+          "num_profiles": n_cal, "source": calibration.source}
+
+
+def plot_calibration(path: str, cov: dict[str, Any]) -> None:
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  levels, coverage = cov["levels"], cov["coverage"]
+  lo, hi = np.percentile(coverage, [5, 95], axis=1)
+  left.plot([0.45, 1.0], [0.45, 1.0], "k--", lw=0.8, label="nominal")
+  left.fill_between(levels, lo, hi, alpha=0.25, label="5-95 % of genes")
+  left.plot(levels, coverage.mean(1), "o-", label="mean over genes")
+  left.set_xlabel("nominal coverage")
+  left.set_ylabel(f"observed coverage on test ({cov['num_test']} profiles)")
+  left.set_title(f"calibrated on {cov['num_profiles']} {cov['source']} profiles", fontsize=9)
+  left.legend(loc="upper left", fontsize=8)
+  right.scatter(cov["mae"], cov["width"], s=5, alpha=0.4)
+  right.set_xlabel("test MAE per gene (log2)")
+  right.set_ylabel(f"{100 * cov['width_level']:g} % interval width (log2)")
+  right.set_title(f"median width {np.median(cov['width']):.3g}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _html_intervals(cov: dict[str, Any]) -> str:
+  i = int(np.flatnonzero(cov["levels"] == cov["width_level"])[0])
+  c = cov["coverage"][i]
+  note = (" (the validation split, which also chose the checkpoint: mildly optimistic; "
+          "data.calibration_fraction holds calibration profiles out)"
+          if cov["source"] == "validation" else "")
+  return (f"<h2>Prediction intervals (test)</h2><p>Split-conformal per gene from "
+          f"{cov['num_profiles']} {cov['source']} profiles{note}. At "
+          f"{100 * cov['width_level']:g} %: test coverage {100 * c.mean():.1f} % averaged over "
+          f"genes (5-95 % of genes: {100 * np.percentile(c, 5):.1f}-"
+          f"{100 * np.percentile(c, 95):.1f} %), median width "
+          f"{np.median(cov['width']):.3g} log2.</p>"
+          '<img src="calibration.png" alt="interval calibration">\n')
+
+
+def _html(run: inference.Run, genes: dict, picks: dict, curves_source: str,
+          coverage: dict[str, Any] | None = None) -> str:
   results = results_lib.read_results(run.workdir) or {}
   rows = []
   for name in ("val", "test"):
@@ -212,11 +285,11 @@ Per-gene table: <a href="{GENES_NAME}">{GENES_NAME}</a>.</p>
 <h2>Predicted vs measured (test): {pick_text}</h2><img src="scatter.png" alt="scatter plots">
 <h2>Training curves (from {curves_source})</h2>
 <img src="training_curves.png" alt="training curves">
-</body></html>
+{_html_intervals(coverage) if coverage is not None else ""}</body></html>
 """
 
 
-FIGURES = ("cc_histogram.png", "scatter.png", "training_curves.png")
+FIGURES = ("cc_histogram.png", "scatter.png", "training_curves.png", "calibration.png")
 
 
 def write_report(workdir: str, run: inference.Run | None = None) -> str:
@@ -230,8 +303,11 @@ def write_report(workdir: str, run: inference.Run | None = None) -> str:
     plot_cc_histogram(os.path.join(tmp, "cc_histogram.png"), genes)
     picks = plot_scatter(os.path.join(tmp, "scatter.png"), run, predictor, genes)
     source = plot_training_curves(os.path.join(tmp, "training_curves.png"), workdir)
+    coverage = interval_coverage(run, predictor,
+                                 run.calibration(run.config.train.eval_batch_size))
+    plot_calibration(os.path.join(tmp, "calibration.png"), coverage)
     with open(os.path.join(tmp, "report.html"), "w") as f:
-      f.write(_html(run, genes, picks, source))
+      f.write(_html(run, genes, picks, source, coverage))
   return final
 
 
