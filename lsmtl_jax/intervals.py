@@ -53,7 +53,7 @@ def conformal_quantiles(scores: np.ndarray, levels=LEVELS) -> np.ndarray:
   if scores.ndim != 2:
     raise ValueError(f"scores must be [profiles, genes], got shape {scores.shape}")
   n = scores.shape[0]
-  ordered = np.sort(scores, axis=0).astype(np.float64)
+  ordered = np.sort(scores, axis=0)  # in the scores' dtype: no float64 copy of all
   out = np.full((len(levels), scores.shape[1]), np.inf)
   for i, level in enumerate(levels):
     k = conformal_rank(n, level)
