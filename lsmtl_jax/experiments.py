@@ -137,7 +137,8 @@ def _run_child(run_dir: str) -> None:
 def execute(planned: dict[str, dict], workdir: str, jobs: int = 1) -> dict:
   """Runs every incomplete run, one process each and up to `jobs` at a time
   (compiling is mostly single-threaded, so two short runs share 2 cores
-  better than one); {name: 'done'|'skipped'|'oom'|'failed'}."""
+  better than one); {name: 'done'|'skipped'|'oom'|'failed'|'missing'}.
+  jobs = 0 trains nothing: the tables then show what has finished."""
   status = {}
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   todo = []
@@ -164,9 +165,12 @@ def execute(planned: dict[str, dict], workdir: str, jobs: int = 1) -> dict:
                  time.perf_counter() - start)
     return name, result
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-    for name, result in pool.map(run_one, todo):
-      status[name] = result
+  if jobs <= 0:
+    status.update({name: "missing" for _, name, _, _ in todo})
+  else:
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+      for name, result in pool.map(run_one, todo):
+        status[name] = result
   return {name: status[name] for name in planned}
 
 
@@ -707,7 +711,8 @@ def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir:
 
 flags.DEFINE_string("workdir", None, "Directory of the experiment (runs/, tables, figures).")
 flags.DEFINE_string("run_dir", None, "Internal: train the one run prepared in this directory.")
-flags.DEFINE_integer("jobs", 1, "Runs trained at the same time, each its own process.")
+flags.DEFINE_integer("jobs", 1, "Runs trained at the same time, each its own process; 0 "
+                     "trains nothing and writes the tables of what has finished.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 
 

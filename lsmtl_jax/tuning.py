@@ -125,11 +125,10 @@ def aggregate(entry: dict, candidate_rows: list[dict], seed_rows: list[dict]) ->
 
 
 def paired_seeds(a: dict, b: dict, split: str = "test") -> dict[str, Any]:
-  """Per-seed relative MAE change of `a` against `b` (seeds paired by
-  position, both rows aggregated): (b - a) / b, positive when a is better."""
-  ma = a["splits"][split]["mae_mean_per_seed"]
-  mb = b["splits"][split]["mae_mean_per_seed"]
-  n = min(len(ma), len(mb))
-  gains = [(mb[i] - ma[i]) / mb[i] for i in range(n)]
+  """Per-seed relative MAE change of `a` against `b` (both rows aggregated;
+  seeds paired by their number): (b - a) / b, positive when a is better."""
+  ma = dict(zip(a["tuning"]["seeds"], a["splits"][split]["mae_mean_per_seed"]))
+  mb = dict(zip(b["tuning"]["seeds"], b["splits"][split]["mae_mean_per_seed"]))
+  gains = [(mb[s] - ma[s]) / mb[s] for s in sorted(set(ma) & set(mb))]
   mean, sd = _mean_sd(gains) if gains else (float("nan"), float("nan"))
   return {"per_seed": gains, "mean": mean, "sd": sd}
