@@ -96,6 +96,28 @@ def read_best(workdir: str, abstract_variables) -> tuple[Any, int]:
                         + ("; ".join(problems) or "none saved") + ")")
 
 
+def latest_record(workdir: str) -> dict[str, Any] | None:
+  """The loop record of the newest latest save that has one, read only (nothing
+  is created, moved or sealed), for the checks before a run writes anything;
+  None for a workdir without saves."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints", "latest"))
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory,
+                                  options=ocp.CheckpointManagerOptions(create=False),
+                                  item_names=("state", "loop"))
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return dict(manager.restore(step, args=ocp.args.Composite(
+            loop=ocp.args.JsonRestore())).loop)
+      except Exception:  # pylint: disable=broad-except  (restoring reports the damage)
+        continue
+  finally:
+    manager.close()
+  return None
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip()
   return text.splitlines()[0][:200] if text else ""

@@ -17,6 +17,10 @@ import tempfile
 from typing import Any, Iterator
 
 
+class OutputError(ValueError):
+  """An output location that cannot take what would be written; the message names it."""
+
+
 def _temp_prefix(path: str) -> str:
   head, tail = os.path.split(os.path.abspath(path))
   return os.path.join(head, f".{tail}.tmp-")
@@ -45,6 +49,36 @@ def remove_abandoned(path: str) -> list[str]:
           os.remove(tmp)
       removed.append(tmp)
   return removed
+
+
+def check_output_dir(path: str) -> None:
+  """Raises OutputError unless a folder can be created or written at `path`:
+  it is a folder or can be made one, and a file can be created in it (or in the
+  nearest folder above it that exists). Nothing is left behind."""
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise OutputError(f"{path}: exists and is not a directory")
+  ancestor = os.path.abspath(path)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise OutputError(f"{path}: cannot create it: {ancestor} is not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise OutputError(f"{path}: {ancestor} is not writable")
+  probe = f"{_temp_prefix(os.path.join(ancestor, 'probe'))}{os.getpid()}"
+  try:
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise OutputError(f"{path}: cannot write in {ancestor}: {e.strerror or e}") from None
+
+
+def check_atomic_dir(final: str) -> None:
+  """Raises OutputError, before any work, unless atomic_dir(final) can build
+  the folder beside `final` and put it in place: `final` is a folder or absent."""
+  if os.path.islink(final) or (os.path.lexists(final) and not os.path.isdir(final)):
+    raise OutputError(f"{final}: exists and is not a directory; move it away")
+  check_output_dir(os.path.dirname(os.path.abspath(final)))
 
 
 @contextlib.contextmanager

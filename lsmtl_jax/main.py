@@ -51,7 +51,7 @@ def _initialize_distributed():
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _exit(2, f"error: unexpected arguments {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
     _initialize_distributed()
@@ -60,7 +60,8 @@ def main(argv):
                jax.local_device_count(), jax.device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, train.MemoryGuardError, parallel.MeshError, DatasetError) as e:
+  except (train.ConfigError, train.MemoryGuardError, parallel.MeshError, DatasetError,
+          train.WorkdirError) as e:
     _exit(2, f"error: {e}")
   except (train.NonFiniteError, CheckpointError) as e:
     _exit(1, f"error: {e}")

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from lsmtl_jax import fileio
+from lsmtl_jax.data import store
 
 # The files of a run's workdir that other commands read.
 CONFIG_NAME = "config.json"  # the resolved config the run was started with
@@ -19,6 +20,24 @@ SCALARS_NAME = "metrics.jsonl"  # training and validation scalars, one JSON obje
 
 write_json_atomic = fileio.write_json
 write_text_atomic = fileio.write_text
+WorkdirError = fileio.OutputError
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises WorkdirError, before anything is written, for a --workdir that
+  cannot hold a run: an existing file, a prepared dataset or a folder inside
+  one, or a place where no folder can be created or written."""
+  path = os.path.abspath(workdir)
+  while True:
+    if (os.path.isfile(os.path.join(path, store.META_NAME))
+        and os.path.isdir(os.path.join(path, store.ARRAY_NAME))):
+      where = "is" if path == os.path.abspath(workdir) else f"is inside {path},"
+      raise WorkdirError(f"{workdir}: {where} a prepared dataset ({store.META_NAME}, "
+                         f"{store.ARRAY_NAME}), not a run directory; pass another --workdir")
+    if os.path.dirname(path) == path:
+      break
+    path = os.path.dirname(path)
+  fileio.check_output_dir(workdir)
 
 
 def write_results(workdir: str, *, method: str, config: dict, steps: int,

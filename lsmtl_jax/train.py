@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lsmtl_jax import build
+from lsmtl_jax import checkpoints
 from lsmtl_jax import config_lib
 from lsmtl_jax import evaluation
 from lsmtl_jax import inference
@@ -37,7 +38,6 @@ from lsmtl_jax import perf
 from lsmtl_jax import report
 from lsmtl_jax import results as results_lib
 from lsmtl_jax import steps
-from lsmtl_jax.checkpoints import Checkpoints
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
 from lsmtl_jax.methods import linear
@@ -46,6 +46,7 @@ from lsmtl_jax.methods import registry
 # Errors a caller reports as one line (main.py maps each to an exit code).
 ConfigError = config_lib.ConfigError
 MemoryGuardError = memory.MemoryGuardError
+WorkdirError = results_lib.WorkdirError
 
 
 class NonFiniteError(FloatingPointError):
@@ -124,16 +125,12 @@ def _with_lsr_head(config, network, state, dataset, rows):
   return build.with_lsr_head(state, network, weights, bias)
 
 
-def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
+def _train_network(config, workdir: str, data: sources.Data,
+                   network: build.Network) -> dict[str, Any]:
   dataset = data.train
   num_l, num_t = dataset.num_landmarks, dataset.num_targets
-  network = build.build_network(config, num_l, num_t)
   mesh = network.mesh
   placement = parallel.Placement(mesh)
-  for name in ("batch_size", "eval_batch_size"):
-    if config.train[name] % mesh.shape["data"]:
-      raise parallel.MeshError(f"config: train.{name}={config.train[name]} is not divisible by "
-                               f"the data axis ({mesh.shape['data']})")
   order = loader.TrainOrder(data.train_indices, config.train.batch_size, config.seed)
   num_steps = (config.train.num_steps if config.train.num_steps > 0 else
                config.train.num_epochs * order.steps_per_epoch)
@@ -146,13 +143,12 @@ def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
                config.train.batch_size, order.steps_per_epoch, dict(mesh.shape), num_t,
                network.num_padded)
 
-  ckpts = Checkpoints(workdir)
+  ckpts = checkpoints.Checkpoints(workdir)
   fingerprint = config_lib.fingerprint(config, network.num_padded, list(network.extras))
   loop = {"step": 0, "best_val_mae": math.inf, "best_step": -1, "evals_since_best": 0,
           "stopped_early": False, "train_seconds": 0.0, "timed_examples": 0,
           "timed_seconds": 0.0, "fingerprint": fingerprint}
-  record = ckpts.latest_record()
-  config_lib.check_same_config(workdir, record, fingerprint)
+  record = ckpts.latest_record()  # the fingerprint was checked before anything was written
   if config.model.head_init == "lsr" and record is None:  # a resumed run restores over it
     state = _with_lsr_head(config, network, state, data.train, order.indices)
   restored = ckpts.restore_latest(state)
@@ -301,18 +297,39 @@ def _train_network(config, workdir: str, data: sources.Data) -> dict[str, Any]:
                     "mesh": dict(mesh.shape), "padded_targets": network.num_padded}}
 
 
-def _run_one(config, workdir: str, data: sources.Data) -> dict[str, Any]:
+def _preflight(config, workdir: str, data: sources.Data) -> dict[str, Any]:
+  """Every check that can refuse this run, before anything is written to its
+  workdir: the mesh against the devices and batch sizes, the checkpoints a
+  workdir already holds (same config), the memory guard. Returns the network
+  (None for a method that fits in closed form) and its memory estimate."""
   method = registry.get(config.method)
-  os.makedirs(workdir, exist_ok=True)
-  if _is_writer():
-    results_lib.write_json_atomic(os.path.join(workdir, results_lib.CONFIG_NAME),
-                                  config.to_dict())
+  if not method.is_network:
+    return {"network": None, "estimate": None}
+  network = build.build_network(config, data.train.num_landmarks, data.train.num_targets)
+  mesh = network.mesh
+  for name in ("batch_size", "eval_batch_size"):
+    if config.train[name] % mesh.shape["data"]:
+      raise parallel.MeshError(f"config: train.{name}={config.train[name]} is not divisible by "
+                               f"the data axis ({mesh.shape['data']})")
+  config_lib.check_same_config(
+      workdir, checkpoints.latest_record(workdir),
+      config_lib.fingerprint(config, network.num_padded, list(network.extras)))
+  return {"network": network, "estimate": memory.check_memory(network)}
+
+
+def _run_one(config, workdir: str, data: sources.Data, checked: dict[str, Any]) -> dict[str, Any]:
+  method = registry.get(config.method)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if _is_writer():
+      results_lib.write_json_atomic(os.path.join(workdir, results_lib.CONFIG_NAME),
+                                    config.to_dict())
+  except OSError as e:
+    raise results_lib.WorkdirError(f"{workdir}: cannot write: {e.strerror or e}") from None
   logging.info("Running %s in %s", method.label, workdir)
   if method.is_network:
-    estimate = memory.check_memory(
-        build.build_network(config, data.train.num_landmarks, data.train.num_targets))
-    run = _train_network(config, workdir, data)
-    run["extra"]["estimated_train_bytes"] = estimate["bytes"]
+    run = _train_network(config, workdir, data, checked["network"])
+    run["extra"]["estimated_train_bytes"] = checked["estimate"]["bytes"]
   else:
     run = method.fit(config, data)
   gene_stats = run.pop("gene_stats")
@@ -350,16 +367,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = config_lib.resolve(config)
   config_lib.validate(config)
-  data = sources.load_data(config)
-  main = _run_one(config, workdir, data)
-  if not config.compare_with:
-    return main
-  rows = [main]
+  results_lib.check_workdir(workdir)
+  runs = [(config, workdir)]
   for other in config.compare_with:
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.method, sub.compare_with = other, ()
     sub = config_lib.resolve(sub)
-    rows.append(_run_one(sub, os.path.join(workdir, "compare", other), data))
+    config_lib.validate(sub)
+    runs.append((sub, os.path.join(workdir, "compare", other)))
+  data = sources.load_data(config)
+  # Nothing is written to a workdir until every run has passed its checks, so
+  # a refused run leaves a workdir (a finished run's included) as it was.
+  checked = [_preflight(c, w, data) for c, w in runs]
+  rows = [_run_one(c, w, data, k) for (c, w), k in zip(runs, checked)]
+  main = rows[0]
+  if not config.compare_with:
+    return main
   table = results_lib.format_table([dict(r, method=registry.label(r["method"])) for r in rows])
   if _is_writer():
     results_lib.write_text_atomic(os.path.join(workdir, "comparison.md"), table + "\n")
