@@ -116,6 +116,20 @@ class Network:
     return lambda: init_variables(key, self.regressor, self.extras, self.num_landmarks,
                                   self.num_padded)[0]
 
+  def num_parameters(self, padded: bool = False) -> int:
+    """Parameters over the real targets (the same network built with an
+    unpadded head), or with padded=True over the padded head columns too (what
+    the train state holds). Shapes only: nothing is allocated."""
+    regressor, extras = self.regressor, self.extras
+    num_targets = self.num_padded if padded else self.num_targets
+    if not padded:
+      regressor, extras = self.method.build(self.config, num_targets,
+                                            jnp.dtype(self.config.model.dtype))
+    shapes = jax.eval_shape(lambda: init_variables(
+        jax.random.PRNGKey(0), regressor, dict(extras), self.num_landmarks, num_targets)[0])
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(
+        nn.meta.unbox(shapes))))
+
   def create_state(self, key, tx) -> tuple[steps.TrainState, Any]:
     """(state, shardings): parameters and optimizer state are created already sharded.
 

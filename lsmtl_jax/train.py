@@ -137,11 +137,12 @@ def _train_network(config, workdir: str, data: sources.Data,
   init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
   state, state_shardings = network.create_state(init_key,
                                                 build.create_optimizer(config, num_steps))
-  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-  logging.info("%s: %s parameters, %d steps of %d (%d per epoch), mesh %s, %d targets padded "
-               "to %d", network.method.label, f"{num_params:,}", num_steps,
-               config.train.batch_size, order.steps_per_epoch, dict(mesh.shape), num_t,
-               network.num_padded)
+  num_params_padded = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  num_params = network.num_parameters()
+  logging.info("%s: %s parameters (%s with the head padded), %d steps of %d (%d per epoch), "
+               "mesh %s, %d targets padded to %d", network.method.label, f"{num_params:,}",
+               f"{num_params_padded:,}", num_steps, config.train.batch_size,
+               order.steps_per_epoch, dict(mesh.shape), num_t, network.num_padded)
 
   ckpts = checkpoints.Checkpoints(workdir)
   fingerprint = config_lib.fingerprint(config, network.num_padded, list(network.extras))
@@ -294,6 +295,7 @@ def _train_network(config, workdir: str, data: sources.Data,
                     "mfu": rate * flops / peak if math.isfinite(peak) else None,
                     "matmul_peak_flops": peak if math.isfinite(peak) else None,
                     "num_parameters": num_params,
+                    "num_parameters_padded": num_params_padded,
                     "mesh": dict(mesh.shape), "padded_targets": network.num_padded}}
 
 
