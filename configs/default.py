@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   # dataset splits), e.g. 1000G and GTEx mapped onto the GEO reference.
   config.data.val_path = ""
   config.data.test_path = ""
+  # True: both must be set (a run is refused rather than falling back on the
+  # training dataset's own val/test splits); configs/gtex.py sets it.
+  config.data.require_external_eval = False
   config.data.train_split = "train"
   # > 0: train on this many profiles of the training split (a fixed-seed subset,
   # the same for every method and seed), e.g. for a learning curve.

@@ -19,4 +19,6 @@ def get_config():
   config.data.val_split = "val"
   config.data.test_path = ""  # DATA/gtex
   config.data.test_split = "test"
+  # Empty paths would evaluate on GEO's own splits: refuse them instead.
+  config.data.require_external_eval = True
   return config

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lsmtl_jax import models
+from lsmtl_jax.data import synthetic
 from lsmtl_jax.methods import registry
 
 Config = ml_collections.ConfigDict
@@ -55,7 +56,8 @@ def with_method_sections(config: Config) -> Config:
 _LATER_FIELDS = {"memory.limit_gb": 0.0, "data.max_train": 0, "data.calibration_fraction": 0.0,
                  "lsmtl.detach_input": False,
                  "lsmtl.warmup_steps": 0, "lsmtl.relation_lr_scale": 1.0,
-                 "model.head_init": "default", "train.measure_peak": True}
+                 "model.head_init": "default", "train.measure_peak": True,
+                 "data.require_external_eval": False}
 
 
 def set_field(config: Config, dotted: str, value: Any) -> None:
@@ -103,10 +105,25 @@ _CHOICES = {
 }
 
 
+# Switches: True or False (a config file may set anything; flags are typed).
+_BOOLS = ("model.batch_norm", "lsmtl.stop_gradient_target", "lsmtl.detach_input",
+          "mesh.fsdp", "data.in_memory", "data.synthetic.enabled",
+          "data.require_external_eval", "train.measure_peak", "report")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _checks(config: Config):
   for field, choices in _CHOICES.items():
     value = get_field(config, field)
     yield value in choices, f"{field} must be one of {list(choices)}, got {value!r}"
+  for field in _BOOLS:
+    value = get_field(config, field)
+    yield isinstance(value, bool), f"{field} must be True or False, got {value!r}"
+  yield from _data_checks(config)
+  yield from _mesh_checks(config)
   m, lsmtl, t = config.model, config.lsmtl, config.train
   yield m.hidden > 0, f"model.hidden must be positive, got {m.hidden}"
   yield m.depth >= 1, f"model.depth must be at least 1, got {m.depth}"
@@ -116,6 +133,9 @@ def _checks(config: Config):
   yield 0 <= lsmtl.mask_rate < 1, f"lsmtl.mask_rate must be in [0, 1), got {lsmtl.mask_rate}"
   yield (config.optim.learning_rate > 0,
          f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
+  for name in ("warmup_steps", "weight_decay", "grad_clip_norm"):
+    value = config.optim[name]
+    yield value >= 0, f"optim.{name} must be >= 0, got {value}"
   for name in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every",
                "patience"):
     yield t[name] > 0, f"train.{name} must be positive, got {t[name]}"
@@ -132,6 +152,49 @@ def _checks(config: Config):
   for other in config.compare_with:
     yield other in registry.names(), f"compare_with names unknown method {other!r}"
   yield from _variant_checks(config)
+
+
+def _data_checks(config: Config):
+  """The split names and sources; whether a split exists is the dataset's to
+  say (sources.load_data, before anything is written)."""
+  data = config.data
+  for name in ("train_split", "val_split", "test_split"):
+    value = data[name]
+    # test_split '' is a tuning candidate's: the test split is never looked at.
+    ok = isinstance(value, str) and (bool(value) or name == "test_split")
+    yield ok, f"data.{name} must name a split of the dataset, got {value!r}"
+  yield data.prefetch >= 1, f"data.prefetch must be at least 1, got {data.prefetch}"
+  if data.synthetic.enabled:
+    fields = dict(data.synthetic.to_dict())
+    fields.pop("enabled")
+    problem = None
+    try:
+      synthetic.SyntheticSpec(**fields).validate()
+    except (TypeError, ValueError) as e:
+      problem = str(e).replace("synthetic data: ", "").replace("__init__() ", "")
+    yield problem is None, f"data.synthetic: {problem}"
+  if data.require_external_eval:
+    # The cross-platform setting (configs/gtex.py): validation and test come
+    # from other prepared datasets, never from the training dataset's splits.
+    empty = [f"data.{name}_path" for name in ("val", "test")
+             if not data[f"{name}_path"] and (name == "val" or data.test_split)]
+    yield (not empty, f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: "
+           "this config validates and tests on other prepared datasets "
+           "(data.require_external_eval); pass "
+           + " ".join(f"--config.{f}=DIR" for f in empty))
+
+
+def _mesh_checks(config: Config):
+  """The mesh fields by themselves; against the devices at hand, parallel.make_mesh."""
+  mesh = config.mesh
+  for name in ("data", "model"):
+    value = mesh[name]
+    yield (_is_int(value) and (value == -1 or value >= 1),
+           f"mesh.{name} must be a positive number of devices or -1, got {value!r}")
+  yield (not (mesh.data == -1 and mesh.model == -1),
+         "mesh.data and mesh.model cannot both be -1")
+  yield (_is_int(mesh.target_multiple) and mesh.target_multiple >= 1,
+         f"mesh.target_multiple must be a positive integer, got {mesh.target_multiple!r}")
 
 
 def _variant_checks(config: Config):

@@ -24,6 +24,7 @@ def get_config():
   # command line; a missing one stops the run with a one-line error.
   config.data.val_path = "/data/prepared/g1000"
   config.data.test_path = "/data/prepared/gtex"
+  config.data.require_external_eval = True  # an empty path is refused, not GEO's splits
   return config
 
 

@@ -128,6 +128,7 @@ def _lsr_l1_checks(config):
   yield (len(c.alphas) > 0 and all(a >= 0 for a in c.alphas),
          f"lsr_l1.alphas must be a non-empty list of values >= 0, got {c.alphas}")
   yield c.max_iters > 0, f"lsr_l1.max_iters must be positive, got {c.max_iters}"
+  yield c.tol >= 0, f"lsr_l1.tol must be >= 0, got {c.tol}"
 
 
 LSR = base.Method(name="lsr", label="LSR", fit=_fit_lsr, checks=_lsr_checks,
