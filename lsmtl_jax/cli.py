@@ -9,6 +9,16 @@ import sys
 from absl import flags
 
 
+def refuse(message: str, code: int = 2):
+  """Prints `error: <message>`, the one line on stderr, and exits at once. A
+  refused command has written nothing, and leaving without the interpreter's
+  shutdown keeps late callbacks of background I/O threads (Orbax's reads after
+  a failed restore) from printing tracebacks after that line."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def add_config_root(argv: list[str]) -> None:
   """Config files import siblings (`from configs import default`): put the folder
   that holds `configs/` on sys.path, so --config works from any directory."""
@@ -27,9 +37,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   add_config_root(argv)
   try:
     rest = flags.FLAGS(argv)
-    if "config" in flags.FLAGS:
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
       # A config file that failed to load surfaces on first attribute access.
-      flags.FLAGS.config.get("method", None)
+      config = flags.FLAGS.config
+      if config is not None:
+        config.get("method", None)
     return rest
   except Exception as e:  # pylint: disable=broad-except  (config files raise anything)
     print(f"error: {_message(e, argv)}", file=sys.stderr)

@@ -682,10 +682,33 @@ def run_tuned(config, entries: list[dict], workdir: str, jobs: int = 1) -> tuple
   return out, status
 
 
+def check_runs(planned: dict[str, dict]) -> None:
+  """Before any run starts, so that a bad config or a missing dataset is one
+  error instead of every run failing: each planned config is valid
+  (config_lib.ConfigError) and the datasets it names open, with their splits
+  and genes (store.DatasetError)."""
+  from lsmtl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from lsmtl_jax.data import sources  # pylint: disable=g-import-not-at-top
+  checked = set()
+  for name, run in planned.items():
+    config = run["config"]
+    try:
+      config_lib.validate(config)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"run {name}: {e}") from None
+    data = (config.data.synthetic.enabled, config.data.path, config.data.val_path,
+            config.data.test_path, config.data.train_split, config.data.val_split,
+            config.data.test_split)  # what check_data looks at
+    if data not in checked:
+      sources.check_data(config)
+      checked.add(data)
+
+
 def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir: str,
                    jobs: int = 1) -> dict:
-  """Plans, runs what is missing, and writes the tables and figures."""
+  """Plans, checks every run, runs what is missing, and writes the tables and figures."""
   module = _load_module(config_path)
+  results_lib.check_workdir(workdir)
   workdir = os.path.abspath(workdir)  # runs train from the repository's folder
   if hasattr(module, "prepare"):  # datasets the runs need (e.g. a prepared GCTx)
     module.prepare(config, workdir)
@@ -693,6 +716,13 @@ def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir:
   runs = module.get_runs(config, workdir) if wants_workdir else module.get_runs(config)
   tuned = _tuned_entries(runs)
   planned = plan(config, [r for r in runs if not r.get("tune")])
+  if jobs > 0:  # (jobs = 0 trains nothing: the tables of what has finished)
+    check_runs(planned)
+  if tuned and jobs > 0:  # the candidates of step 1 (seeds differ only in seed and setting)
+    from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
+    from lsmtl_jax.methods import registry  # pylint: disable=g-import-not-at-top
+    check_runs(plan(config, [r for e in tuned
+                             for r in tuning.candidate_runs(e, registry.get(e["method"]))]))
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   status = execute(planned, workdir, jobs)
@@ -716,22 +746,33 @@ flags.DEFINE_integer("jobs", 1, "Runs trained at the same time, each its own pro
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 
 
+def _refuse(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _refuse(f"unexpected arguments {argv[1:]}")
   if FLAGS.run_dir:
     _run_child(FLAGS.run_dir)
     return
   if not FLAGS.config or not FLAGS.workdir:
-    raise app.UsageError("--config and --workdir are required")
+    _refuse("--config and --workdir are required")
+  if FLAGS.jobs < 0:
+    _refuse(f"--jobs must be >= 0, got {FLAGS.jobs}")
+  from lsmtl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from lsmtl_jax.data import store  # pylint: disable=g-import-not-at-top
   path = config_flags.get_config_filename(FLAGS["config"])
   try:
     result = run_experiment(path, FLAGS.config, FLAGS.workdir, FLAGS.jobs)
+  except (config_lib.ConfigError, store.DatasetError, results_lib.WorkdirError) as e:
+    _refuse(str(e))
   except KeyError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _refuse(str(e))
   sys.exit(1 if any(s == "failed" for s in result["status"].values()) else 0)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)
