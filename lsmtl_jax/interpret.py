@@ -84,6 +84,9 @@ def interpret(workdir: str, split: str = "val", num_samples: int = 1000,
     if v <= 0:
       raise ValueError(f"--{name} must be positive, got {v}")
   t0 = time.perf_counter()
+  inference.check_finished(workdir)
+  final = os.path.join(workdir, OUT_DIR)
+  fileio.check_atomic_dir(final)
   run = inference.load_run(workdir)
   rows = run.dataset.split(split)
   # Evenly spaced over the split, so the subset is fixed and spans it.
@@ -109,7 +112,6 @@ def interpret(workdir: str, split: str = "val", num_samples: int = 1000,
   log(f"clusters and maps: {time.perf_counter() - t0:.1f} s")
 
   l_order, t_order = relevance.cluster_order(l_labels), relevance.cluster_order(t_labels)
-  final = os.path.join(workdir, OUT_DIR)
   with fileio.atomic_dir(final) as tmp:
     arrays = {
         "relevance_matrix": (matrix, "targets", "landmarks"),
@@ -154,19 +156,20 @@ def interpret(workdir: str, split: str = "val", num_samples: int = 1000,
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   F = flags.FLAGS
   if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
+    cli.refuse(f"unexpected arguments {argv[1:]}")
   t0 = time.perf_counter()
   try:
     path = interpret(F.workdir, F.split, F.num_samples, F.matrix_samples, F.rule, F.eps,
                      F.initial, F.sample_clusters, F.target_clusters, F.landmark_groups, F.seed,
                      log=lambda s: print(s, file=sys.stderr))
-  except (inference.RunError, store.DatasetError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (inference.RunError, store.DatasetError, ValueError) as e:  # OutputError included
+    cli.refuse(str(e))
+  except OSError as e:  # the maps could not be written after all (e.g. a full disk)
+    cli.refuse(f"{os.path.join(F.workdir, OUT_DIR)}: cannot write: {e.strerror or e}")
   print(f"interpret: relevance maps in {path} ({time.perf_counter() - t0:.1f} s)")
 
 
@@ -187,4 +190,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("landmark_groups", 10, "k-means groups of landmarks.")
   flags.DEFINE_integer("seed", 0, "k-means seed.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)

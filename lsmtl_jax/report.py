@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import html
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -294,10 +293,13 @@ FIGURES = ("cc_histogram.png", "scatter.png", "training_curves.png", "calibratio
 
 def write_report(workdir: str, run: inference.Run | None = None) -> str:
   """Builds WORKDIR/report/ and returns its path; an existing report is replaced."""
+  if run is None:
+    inference.check_finished(workdir)
+  final = os.path.join(workdir, REPORT_DIR)
+  fileio.check_atomic_dir(final)
   run = run or inference.load_run(workdir)
   predictor = inference.Predictor(run, run.config.train.eval_batch_size)
   genes = gene_metrics(run)
-  final = os.path.join(workdir, REPORT_DIR)
   with fileio.atomic_dir(final) as tmp:
     write_genes_tsv(os.path.join(tmp, GENES_NAME), run, genes)
     plot_cc_histogram(os.path.join(tmp, "cc_histogram.png"), genes)
@@ -314,22 +316,24 @@ def write_report(workdir: str, run: inference.Run | None = None) -> str:
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
+    cli.refuse(f"unexpected arguments {argv[1:]}")
   workdir = flags.FLAGS.workdir
   try:
     path = write_report(workdir)
-  except (inference.RunError, store.DatasetError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (inference.RunError, store.DatasetError, fileio.OutputError) as e:
+    cli.refuse(str(e))
+  except OSError as e:  # the report could not be written after all (e.g. a full disk)
+    cli.refuse(f"{os.path.join(workdir, REPORT_DIR)}: cannot write: {e.strerror or e}")
   print(f"report: {os.path.join(path, 'report.html')}")
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "A finished training run.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
