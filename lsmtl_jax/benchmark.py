@@ -45,6 +45,7 @@ one invocation and reported as ratios with their spread.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -68,10 +69,12 @@ from lsmtl_jax import parallel
 from lsmtl_jax import perf
 from lsmtl_jax import build
 from lsmtl_jax import config_lib
+from lsmtl_jax import fileio
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
 from lsmtl_jax.data import store
 from lsmtl_jax.methods import deep_lsmtl
+from lsmtl_jax.methods import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(lsmtl_jax.__file__)))
 TORCH_PEER_MODULE = "lsmtl_jax.torch_peer"  # the in-repo PyTorch peer (python -m)
@@ -81,6 +84,10 @@ GEO_LANDMARKS, GEO_TARGETS = 943, 9520
 # ----------------------------------------------------------------------------
 # Pieces (importable; the tests call them on tiny shapes)
 # ----------------------------------------------------------------------------
+
+
+class BenchmarkError(RuntimeError):
+  """A benchmark that cannot run as asked; the message names the flag or field."""
 
 
 def tree_bytes(tree) -> int:
@@ -349,7 +356,7 @@ def benchmark_size(config: ml_collections.ConfigDict, num_landmarks: int, num_ta
         + "".join(f", PyTorch {m} {peer_times[m][-1] * 1e3:.1f} ms" for m in modes
                   if len(peer_times[m]) > rep))
   if modes and options.torch == "on" and not any(peer_times.values()):
-    raise RuntimeError("--torch=on: " + "; ".join(f"{m}: {peer_skip[m]}" for m in modes))
+    raise BenchmarkError("--torch=on: " + "; ".join(f"{m}: {peer_skip[m]}" for m in modes))
 
   batch = config.train.batch_size
   flops = main.flops_per_example()
@@ -570,10 +577,57 @@ def _config_dataset(config):
     return None, str(e)
 
 
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Everything that can refuse the benchmark, before any timing: the flags,
+  the config (resolved and validated, a network method, a mesh that fits the
+  devices and divides the batch), the config's dataset when it names one, and
+  where the report and the temporary store go. Returns the resolved config."""
   unknown = set(FLAGS.torch_modes) - set(TORCH_MODES)
   if unknown:
-    raise app.UsageError(f"--torch_modes: {sorted(unknown)} not in {list(TORCH_MODES)}")
+    raise BenchmarkError(f"--torch_modes: {sorted(unknown)} not in {list(TORCH_MODES)}")
+  for name in ("repeats", "steps", "warmup", "loader_batches", "geo_rows"):
+    if FLAGS[name].value < 1:
+      raise BenchmarkError(f"--{name} must be at least 1, got {FLAGS[name].value}")
+  if FLAGS.threads < 0:
+    raise BenchmarkError(f"--threads must be >= 0, got {FLAGS.threads}")
+  if FLAGS.torch_script and not os.path.isfile(FLAGS.torch_script):
+    raise BenchmarkError(f"--torch_script={FLAGS.torch_script}: no such file")
+  if (FLAGS.torch == "on" and not FLAGS.torch_script
+      and importlib.util.find_spec("torch") is None):
+    raise BenchmarkError("--torch=on: torch is not installed (pip install -e '.[bench]'; the "
+                         "CPU build suffices)")
+  config = config_lib.resolve(config)
+  config_lib.validate(config)
+  method = registry.get(config.method)
+  if not method.is_network:
+    raise BenchmarkError(f"config: method {config.method!r} ({method.label}) is not a network; "
+                         "the benchmark times a network's training step")
+  data_axis, _ = parallel.mesh_shape(config.mesh, jax.device_count())
+  if config.train.batch_size % data_axis:
+    raise parallel.MeshError(f"config: train.batch_size={config.train.batch_size} is not "
+                             f"divisible by the data axis ({data_axis})")
+  if config.data.path and not config.data.synthetic.enabled:
+    sources.load_dataset(config)  # a dataset named but missing or malformed: DatasetError
+  if FLAGS.out:
+    if os.path.isdir(FLAGS.out):
+      raise fileio.OutputError(f"--out={FLAGS.out}: is a directory; name a file")
+    if os.path.lexists(FLAGS.out) and not os.path.isfile(FLAGS.out):
+      raise fileio.OutputError(f"--out={FLAGS.out}: exists and is not a regular file")
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
+    if not os.path.isdir(out_dir):
+      raise fileio.OutputError(f"--out={FLAGS.out}: directory {out_dir} "
+                               + ("is not a directory" if os.path.lexists(out_dir)
+                                  else "does not exist"))
+    fileio.check_output_dir(out_dir)
+  if FLAGS.suite == "issue6" and FLAGS.scratch:
+    if not os.path.isdir(FLAGS.scratch):
+      raise fileio.OutputError(f"--scratch={FLAGS.scratch}: no such directory")
+    fileio.check_output_dir(FLAGS.scratch)
+  return config
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  config = check(config)
   options = SizeOptions(repeats=FLAGS.repeats, steps=FLAGS.steps, warmup=FLAGS.warmup,
                         torch=FLAGS.torch, torch_script=FLAGS.torch_script,
                         torch_modes=tuple(FLAGS.torch_modes), lam0=FLAGS.lam0,
@@ -581,7 +635,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   _log("measuring the float32 matmul peak ...")
   peak = perf.measured_matmul_peak()
   report: dict[str, Any] = {"machine": machine_info(peak), "sizes": [], "loaders": []}
-  config = config_lib.resolve(config)
   dataset, why = (None, "config has no dataset")
   if config.data.synthetic.enabled or config.data.path:
     dataset, why = _config_dataset(config)
@@ -681,11 +734,20 @@ def _summary(report) -> dict[str, str]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  report = run(FLAGS.config)
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    report = run(FLAGS.config)
+  except (BenchmarkError, config_lib.ConfigError, parallel.MeshError, store.DatasetError,
+          fileio.OutputError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(report, f, indent=1)
+    try:
+      fileio.write_text(FLAGS.out, json.dumps(report, indent=1))
+    except OSError as e:
+      print(f"error: --out={FLAGS.out}: cannot write: {e.strerror or e}", file=sys.stderr)
+      sys.exit(2)
   if FLAGS.json:
     print(json.dumps(report, indent=1))
   else:
@@ -696,4 +758,5 @@ if __name__ == "__main__":
   if REPO not in sys.path:  # configs/ is a top-level folder next to the package
     sys.path.insert(0, REPO)
   _define_flags()
-  app.run(main)
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)
