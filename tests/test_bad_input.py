@@ -23,8 +23,8 @@ from test_prepare import _bad_inputs as prepare_bad_inputs
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
 
 
-def _run(module, *args, env=None):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+def _run(module, *args, env=None, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
                         text=True, timeout=300, env={**ENV, **(env or {})})
 
 
@@ -141,10 +141,7 @@ def test_main_refuses_a_workdir_of_another_config(env, tmp_path):
               f"--config.data.cache_dir={env['cache']}", "--config.train.num_steps=8",
               "--config.lsmtl.bottleneck=4")
   _assert_refused(proc, "holds checkpoints of a different config")
-  after = _checksums([workdir])
-  after.pop(str(workdir / "config.json"), None)
-  before.pop(str(workdir / "config.json"), None)
-  assert after == before
+  assert _checksums([workdir]) == before  # config.json included
 
 
 def _prepare_flags(cfg):
@@ -579,3 +576,434 @@ def test_predict_output_for_the_cmap_tools(env, tmp_path):
       assert v.dtype.kind == "f" and (v[:num_lm] == formats.MISSING).all(), field
       assert not np.isnan(v).any(), field  # NaN would make cmapPy read the field as text
     assert f["0/META/COL/pert_dose"][()][1] == formats.MISSING
+
+
+# ----------------------------------------------------------------------------
+# main, report, interpret, experiments and benchmark by class of bad input,
+# table-driven like predict and prepare above. Every case: exit 2, exactly one
+# `error:` line holding the needle, every input (datasets, runs, config files:
+# each file and folder) unchanged, a finished run given as the workdir
+# byte-identical (config.json included), nothing at a new output path and no
+# temporary left. Each case fails in its checks, before any training or timing.
+# ----------------------------------------------------------------------------
+
+COMMAND_CLASSES = ("bad flag", "bad field value", "missing input", "odd output")
+
+
+def _tree(root):
+  """{path: sha256, 'dir' or 'link -> target'} of everything under root (root itself
+  included), or {} when root does not exist."""
+  out = {}
+  if not os.path.lexists(root):
+    return out
+  entries = [str(root)]
+  if os.path.isdir(root) and not os.path.islink(root):
+    for d, dirs, names in os.walk(root):
+      entries += [os.path.join(d, n) for n in dirs + names]
+  for p in entries:
+    if os.path.islink(p):
+      out[p] = f"link -> {os.readlink(p)}"
+    elif os.path.isdir(p):
+      out[p] = "dir"
+    elif os.path.isfile(p):
+      out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    else:
+      out[p] = "special"
+  return out
+
+
+class _Cases:
+  """{class: [(name, args, needle, run options)]} of one command, the inputs and
+  outputs its cases touch."""
+
+  def __init__(self, module, base=()):
+    self.module, self.base = module, list(base)
+    self.by_class = {c: [] for c in COMMAND_CLASSES}
+    self.inputs = []  # files and folders every case must leave as they were
+    self.absent = []  # paths no case may create
+    self.out_dirs = []  # folders no temporary may be left in
+
+  def add(self, cls, name, needle, *args, base=None, cwd=REPO, env=None):
+    base = self.base if base is None else base
+    self.by_class[cls].append((name, [*base, *args], needle, {"cwd": cwd, "env": env}))
+
+  def check(self, cls, minimum=3):
+    cases = self.by_class[cls]
+    assert len(cases) >= minimum, (self.module, cls)
+    inputs = sorted({str(p) for p in self.inputs})
+    for name, args, needle, options in cases:
+      before = {p: _tree(p) for p in inputs}
+      proc = _run(self.module, *args, **options)
+      errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+      assert proc.returncode == 2, (name, proc.stderr[-3000:])
+      assert len(errors) == 1, (name, proc.stderr[-3000:])
+      assert needle in errors[0], (name, errors[0])
+      assert "Traceback" not in proc.stderr, (name, proc.stderr[-3000:])
+      for p in inputs:
+        assert _tree(p) == before[p], (name, p)
+      for p in self.absent:
+        assert not os.path.lexists(p), (name, p)
+      assert not _temps(*self.out_dirs), (name, _temps(*self.out_dirs))
+
+
+def _package_only(root):
+  """A PYTHONPATH that holds the package and not the repository, so `configs`
+  is found only through --config's own folder (cli.add_config_root)."""
+  d = root / "package_only"
+  if not d.exists():
+    d.mkdir()
+    os.symlink(os.path.join(REPO, "lsmtl_jax"), d / "lsmtl_jax")
+  return {"PYTHONPATH": str(d)}
+
+
+def _run_copy(env, root, name, config_edit=None, remove=()):
+  """A copy of the finished run, its config.json edited and some files removed."""
+  d = root / name
+  shutil.copytree(env["run"], d)
+  if config_edit:
+    config = json.loads((d / "config.json").read_text())
+    config_edit(config)
+    (d / "config.json").write_text(json.dumps(config))
+  for rel in remove:
+    p = d / rel
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+  return d
+
+
+def _set(**fields):
+  """A config.json edit: {'a__b': v} sets config['a']['b'] = v."""
+  def edit(config):
+    for dotted, value in fields.items():
+      node = config
+      *path, leaf = dotted.split("__")
+      for part in path:
+        node = node[part]
+      node[leaf] = value
+  return edit
+
+
+def _main_cases(env, root):
+  cases = _Cases("lsmtl_jax.main", ["--config=configs/tiny.py",
+                                    f"--config.data.cache_dir={env['cache']}",
+                                    "--config.train.num_steps=8"])
+  work = _run_copy(env, root, "run")  # every case but the odd workdirs runs on it
+  w = f"--workdir={work}"
+  damaged = _damaged_copies(env["dataset"], root)
+  other = root / "other_genes"
+  shutil.copytree(env["dataset"], other)
+  meta = json.loads((other / "meta.json").read_text())
+  meta["targets"]["ids"] = meta["targets"]["ids"][::-1]
+  (other / "meta.json").write_text(json.dumps(meta))
+  a_file = root / "a_file.txt"
+  a_file.write_text("keep me")
+  cases.inputs += [work, env["dataset"], other, a_file, *(d for d, _ in damaged.values())]
+  cases.out_dirs.append(str(root))
+  geo = ["--config=configs/geo.py"]
+
+  cases.add("bad flag", "unknown", "Unknown command line flag 'bogus'", w, "--bogus")
+  cases.add("bad flag", "misspelled override", "--config.model.hiden: no config field 'hiden'",
+            w, "--config.model.hiden=3")
+  cases.add("bad flag", "not a number", "config.model.hidden", w, "--config.model.hidden=wide")
+  cases.add("bad flag", "required", "--workdir")
+  cases.add("bad flag", "stray argument", "unexpected arguments", w, "extra")
+
+  cases.add("bad field value", "mesh", "mesh.data must be a positive number of devices or -1",
+            w, "--config.mesh.data=0")
+  cases.add("bad field value", "split name", "data.val_split must name a split", w,
+            "--config.data.val_split=")
+  cases.add("bad field value", "schedule", "optim.schedule must be one of", w,
+            "--config.optim.schedule=linear")
+  cases.add("bad field value", "synthetic size", "data.synthetic: num_samples must be at least",
+            w, "--config.data.synthetic.num_samples=5")
+  cases.add("bad field value", "memory guard", "out of memory: Deep-LSMTL needs about", w,
+            "--config.memory.limit_gb=0.000001")
+  cases.add("bad field value", "gtex without its evaluation sets",
+            "data.val_path and data.test_path are empty", w,
+            f"--config.data.path={env['dataset']}", base=["--config=configs/gtex.py"])
+
+  cases.add("missing input", "no dataset", "prepared dataset not found", w,
+            f"--config.data.path={root / 'nope'}", base=geo)
+  cases.add("missing input", "no config file", "nonexistent/config.py", w,
+            base=["--config=/nonexistent/config.py"])
+  cases.add("missing input", "no such split", "no split named 'nope'", w,
+            "--config.data.test_split=nope")
+  cases.add("missing input", "other genes", "targets differ from the training dataset", w,
+            f"--config.data.test_path={other}")
+  for name, (d, needle) in damaged.items():
+    cases.add("missing input", name, needle, w, f"--config.data.path={d}", base=geo)
+
+  new = root / "new_run"
+  cases.absent.append(new)
+  cases.add("odd output", "another config's run", "holds checkpoints of a different config", w,
+            "--config.lsmtl.bottleneck=4")
+  cases.add("odd output", "a dataset", "is a prepared dataset",
+            f"--workdir={env['dataset']}")
+  cases.add("odd output", "inside a dataset", "is inside",
+            f"--workdir={os.path.join(env['dataset'], 'run')}")
+  cases.add("odd output", "a file", "exists and is not a directory", f"--workdir={a_file}")
+  cases.add("odd output", "under a file", f"{a_file} is not a directory",
+            f"--workdir={a_file / 'run'}")
+  ro, ro_needle = _unwritable_dir(root)
+  cases.add("odd output", "unwritable", ro_needle, f"--workdir={ro}/run")
+  # A new workdir of a refused run is not even created.
+  cases.add("odd output", "new workdir, refused config", "lsmtl.mask_rate must be in [0, 1)",
+            f"--workdir={new}", "--config.lsmtl.mask_rate=1.5")
+  return cases
+
+
+@pytest.mark.parametrize("cls", COMMAND_CLASSES)
+def test_main_refuses_by_class(env, tmp_path, cls):
+  _main_cases(env, tmp_path).check(cls)
+
+
+def _used_run_cases(module, env, root, out_name, extra_flags=()):
+  """report and interpret: the same runs, damaged or edited, and odd outputs."""
+  cases = _Cases(module)
+  run = _run_copy(env, root, "run")
+  w = f"--workdir={run}"
+  cases.absent.append(run / out_name)
+  damaged, damaged_needle = _damaged_copies(env["dataset"], root)["meta not json"]
+  prepared = dict(data__synthetic__enabled=False)  # the run's data read from a prepared path
+  runs = {
+      "lsr": _run_copy(env, root, "lsr", _set(method="lsr")),
+      "magic": _run_copy(env, root, "magic", _set(method="magic")),
+      "hidden": _run_copy(env, root, "hidden", _set(model__hidden=8)),
+      "unfinished": _run_copy(env, root, "unfinished", remove=["results.json"]),
+      "no best": _run_copy(env, root, "no_best", remove=["checkpoints/best"]),
+      "no dataset": _run_copy(env, root, "no_dataset",
+                              _set(data__path=str(root / "nope"), **prepared)),
+      "damaged dataset": _run_copy(env, root, "damaged_dataset",
+                                   _set(data__path=str(damaged), **prepared)),
+  }
+  not_json = _run_copy(env, root, "not_json")
+  (not_json / "config.json").write_text("{ not json")
+  not_a_run = root / "not_a_run"
+  not_a_run.mkdir()
+  cases.inputs += [run, env["dataset"], damaged, not_json, not_a_run, *runs.values()]
+  cases.absent += [p / out_name for p in runs.values()]
+  cases.out_dirs += [str(run), str(root)]
+
+  cases.add("bad flag", "unknown", "Unknown command line flag 'bogus'", w, "--bogus")
+  cases.add("bad flag", "required", "--workdir")
+  cases.add("bad flag", "stray argument", "unexpected arguments", w, "extra")
+  cases.add("bad flag", "a flag of another command", "Unknown command line flag 'config'", w,
+            "--config=configs/tiny.py")
+  for (cls, name), args, needle in extra_flags:
+    cases.add(cls, name, needle, w, *args)
+
+  cases.add("bad field value", "method without a network", "has no network checkpoint",
+            f"--workdir={runs['lsr']}")
+  cases.add("bad field value", "unknown method", "method 'magic' has no network checkpoint",
+            f"--workdir={runs['magic']}")
+  cases.add("bad field value", "config changed after training", "cannot restore the model",
+            f"--workdir={runs['hidden']}")
+
+  cases.add("missing input", "no such run", "no such run directory",
+            f"--workdir={root / 'nope'}")
+  cases.add("missing input", "not a run", "not a run directory (no config.json)",
+            f"--workdir={not_a_run}")
+  cases.add("missing input", "unfinished", "training has not finished (no results.json)",
+            f"--workdir={runs['unfinished']}")
+  cases.add("missing input", "no best checkpoint", "no committed best checkpoint",
+            f"--workdir={runs['no best']}")
+  cases.add("missing input", "config.json not JSON", "not valid JSON",
+            f"--workdir={not_json}")
+  cases.add("missing input", "dataset gone", "cannot open the run's dataset",
+            f"--workdir={runs['no dataset']}")
+  cases.add("missing input", "dataset damaged", damaged_needle,
+            f"--workdir={runs['damaged dataset']}")
+  # From another folder, without the repository on the path.
+  cases.add("missing input", "no such run, another folder", "no such run directory",
+            f"--workdir={root / 'nope'}", cwd=str(root), env=_package_only(root))
+
+  for kind in ("file", "symlink", "fifo"):
+    odd = _run_copy(env, root, f"odd_{kind}")
+    target = odd / out_name
+    if kind == "file":
+      target.write_text("keep me")
+    elif kind == "symlink":
+      (root / f"elsewhere_{kind}").mkdir()
+      os.symlink(root / f"elsewhere_{kind}", target)
+    else:
+      os.mkfifo(target)
+    cases.inputs.append(odd)
+    cases.add("odd output", f"{out_name} is a {kind}", "exists and is not a directory",
+              f"--workdir={odd}")
+  if os.geteuid() != 0:  # root writes anywhere a folder is
+    ro = _run_copy(env, root, "readonly")
+    ro.chmod(0o500)
+    cases.inputs.append(ro)
+    cases.add("odd output", "unwritable run", "is not writable", f"--workdir={ro}")
+  return cases
+
+
+@pytest.mark.parametrize("cls", COMMAND_CLASSES)
+def test_report_refuses_by_class(env, tmp_path, cls):
+  _used_run_cases("lsmtl_jax.report", env, tmp_path, "report").check(cls)
+
+
+_INTERPRET_FLAGS = [
+    (("bad flag", "enum"), ["--rule=foo"], "--rule=foo"),
+    (("bad flag", "not a number"), ["--num_samples=many"], "--num_samples=many"),
+    (("bad field value", "no profiles"), ["--num_samples=0"], "--num_samples must be positive"),
+    (("bad field value", "no clusters"), ["--target_clusters=-1"],
+     "--target_clusters must be positive"),
+    (("bad field value", "split"), ["--split=nope"], "no split named 'nope'"),
+]
+
+
+@pytest.mark.parametrize("cls", COMMAND_CLASSES)
+def test_interpret_refuses_by_class(env, tmp_path, cls):
+  _used_run_cases("lsmtl_jax.interpret", env, tmp_path, "relevance",
+                  _INTERPRET_FLAGS).check(cls)
+
+
+EXPERIMENT_CONFIG = """
+from configs import tiny
+
+TITLE = "bad input"
+
+
+def get_config():
+  config = tiny.get_config()
+  config.data.synthetic.enabled = False
+  config.data.path = {dataset!r}
+  config.train.num_steps = 8
+  return config
+
+
+def get_runs(config):
+  return [{{"method": "lsr", "figures": {{"table": {{"order": 0}}}}}},
+          {{"method": "deep_lsmtl", "overrides": {overrides!r},
+           "figures": {{"table": {{"order": 1}}}}}}]
+"""
+
+
+def _experiments_cases(env, root):
+  good = root / "experiment.py"
+  good.write_text(EXPERIMENT_CONFIG.format(dataset=env["dataset"], overrides={}))
+  misspelled = root / "misspelled.py"
+  misspelled.write_text(EXPERIMENT_CONFIG.format(dataset=env["dataset"],
+                                                 overrides={"model.hiden": 3}))
+  workdir = root / "experiment"
+  cases = _Cases("lsmtl_jax.experiments", [f"--config={good}", f"--workdir={workdir}"])
+  damaged = _damaged_copies(env["dataset"], root)
+  other = root / "other_genes"
+  shutil.copytree(env["dataset"], other)
+  meta = json.loads((other / "meta.json").read_text())
+  meta["landmarks"]["ids"] = meta["landmarks"]["ids"][::-1]
+  (other / "meta.json").write_text(json.dumps(meta))
+  a_file = root / "a_file.txt"
+  a_file.write_text("keep me")
+  cases.inputs += [good, misspelled, env["dataset"], other, a_file,
+                   *(d for d, _ in damaged.values())]
+  cases.absent.append(workdir)
+  cases.out_dirs.append(str(root))
+
+  cases.add("bad flag", "misspelled override", "--config.nope: no config field 'nope'",
+            "--config.nope=1")
+  cases.add("bad flag", "unknown", "Unknown command line flag 'bogus'", "--bogus")
+  cases.add("bad flag", "not a number", "--jobs=many", "--jobs=many")
+  cases.add("bad flag", "required", "--config and --workdir are required",
+            base=[f"--config={good}"])
+  cases.add("bad flag", "stray argument", "unexpected arguments", "extra")
+
+  cases.add("bad field value", "a run's field", "run lsr: config: lsmtl.mask_rate must be in",
+            "--config.lsmtl.mask_rate=1.5")
+  cases.add("bad field value", "an override in the runs", "no such field 'model.hiden'",
+            base=[f"--config={misspelled}", f"--workdir={workdir}"])
+  cases.add("bad field value", "jobs", "--jobs must be >= 0", "--jobs=-1")
+  cases.add("bad field value", "mesh", "mesh.model must be a positive number of devices or -1",
+            "--config.mesh.model=0")
+  # The repository's own config, by absolute path from another folder.
+  paper = [f"--config={REPO}/configs/experiments/paper_geo.py", f"--workdir={workdir}"]
+  cases.add("bad field value", "another folder", "lsmtl.bottleneck must be positive",
+            f"--config.data.path={env['dataset']}", "--config.lsmtl.bottleneck=0", base=paper,
+            cwd=str(root), env=_package_only(root))
+
+  cases.add("missing input", "no dataset", "prepared dataset not found",
+            f"--config.data.path={root / 'nope'}")
+  cases.add("missing input", "no config file", "nonexistent/experiment.py",
+            base=["--config=/nonexistent/experiment.py", f"--workdir={workdir}"])
+  cases.add("missing input", "no such split", "no split named 'nope'",
+            "--config.data.val_split=nope")
+  cases.add("missing input", "other genes", "landmarks differ from the training dataset",
+            f"--config.data.val_path={other}")
+  for name, (d, needle) in damaged.items():
+    cases.add("missing input", name, needle, f"--config.data.path={d}")
+  cases.add("missing input", "no dataset, another folder", "prepared dataset not found",
+            f"--config.data.path={root / 'nope'}", base=paper, cwd=str(root),
+            env=_package_only(root))
+
+  g = f"--config={good}"
+  cases.add("odd output", "a file", "exists and is not a directory", g, f"--workdir={a_file}",
+            base=[])
+  cases.add("odd output", "a dataset", "is a prepared dataset", g,
+            f"--workdir={env['dataset']}", base=[])
+  cases.add("odd output", "under a file", f"{a_file} is not a directory", g,
+            f"--workdir={a_file / 'experiment'}", base=[])
+  ro, ro_needle = _unwritable_dir(root)
+  cases.add("odd output", "unwritable", ro_needle, g, f"--workdir={ro}/experiment", base=[])
+  return cases
+
+
+@pytest.mark.parametrize("cls", COMMAND_CLASSES)
+def test_experiments_refuse_by_class(env, tmp_path, cls):
+  _experiments_cases(env, tmp_path).check(cls)
+
+
+def _benchmark_cases(env, root):
+  tiny = ["--config=configs/tiny.py", f"--config.data.cache_dir={env['cache']}"]
+  cases = _Cases("lsmtl_jax.benchmark", tiny)
+  damaged, needle = _damaged_copies(env["dataset"], root)["meta not json"]
+  a_file = root / "a_file.txt"
+  a_file.write_text("keep me")
+  a_dir = root / "a_dir"
+  a_dir.mkdir()
+  out = root / "bench.json"
+  cases.inputs += [env["dataset"], damaged, a_file, a_dir]
+  cases.absent.append(out)
+  cases.out_dirs.append(str(root))
+  o = f"--out={out}"
+
+  cases.add("bad flag", "unknown", "Unknown command line flag 'bogus'", "--bogus", o)
+  cases.add("bad flag", "enum", "--torch=maybe", "--torch=maybe", o)
+  cases.add("bad flag", "not a number", "--repeats=many", "--repeats=many", o)
+  cases.add("bad flag", "misspelled override", "--config.model.hiden: no config field 'hiden'",
+            "--config.model.hiden=3", o)
+  cases.add("bad flag", "stray argument", "unexpected arguments", "extra", o)
+
+  cases.add("bad field value", "width", "model.hidden must be positive",
+            "--config.model.hidden=-3", o)
+  cases.add("bad field value", "not a network", "is not a network", "--config.method=lsr", o)
+  cases.add("bad field value", "mesh vs devices", "needs 3 devices, found 1",
+            "--config.mesh.data=3", o)
+  cases.add("bad field value", "peer modes", "--torch_modes: ['fast']", "--torch_modes=fast", o)
+  cases.add("bad field value", "repeats", "--repeats must be at least 1", "--repeats=0", o)
+  cases.add("bad field value", "another folder", "model.hidden must be positive",
+            "--config.model.hidden=-3", o, base=[f"--config={REPO}/configs/tiny.py"],
+            cwd=str(root), env=_package_only(root))
+
+  geo = ["--config=configs/geo.py"]
+  cases.add("missing input", "no dataset", "prepared dataset not found",
+            f"--config.data.path={root / 'nope'}", o, base=geo)
+  cases.add("missing input", "damaged dataset", needle, f"--config.data.path={damaged}", o,
+            base=geo)
+  cases.add("missing input", "no config file", "nonexistent/config.py", o,
+            base=["--config=/nonexistent/config.py"])
+  cases.add("missing input", "no peer script", "--torch_script=/nonexistent/peer.py: no such",
+            "--torch_script=/nonexistent/peer.py", o)
+
+  cases.add("odd output", "a directory", "is a directory", f"--out={a_dir}")
+  cases.add("odd output", "under a file", "is not a directory", f"--out={a_file / 'b.json'}")
+  cases.add("odd output", "missing folder", "does not exist", f"--out={root / 'nope' / 'b.json'}")
+  ro, ro_needle = _unwritable_dir(root)
+  cases.add("odd output", "unwritable", ro_needle, f"--out={ro}/b.json")
+  cases.add("odd output", "scratch", "--scratch=/nonexistent: no such directory",
+            "--suite=issue6", "--scratch=/nonexistent", o)
+  return cases
+
+
+@pytest.mark.parametrize("cls", COMMAND_CLASSES)
+def test_benchmark_refuses_by_class(env, tmp_path, cls):
+  _benchmark_cases(env, tmp_path).check(cls)
