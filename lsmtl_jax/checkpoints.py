@@ -78,20 +78,22 @@ def read_best(workdir: str, abstract_variables) -> tuple[Any, int]:
                                   options=ocp.CheckpointManagerOptions(create=False),
                                   item_names=("state", "loop"))
   problems = []
-  try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        _verify_checksums(os.path.join(best_dir(workdir), str(step)))
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_variables)))
-      except Exception as e:  # pylint: disable=broad-except  (any damage: fall back)
-        problems.append(f"{step}: {type(e).__name__}: {_first_line(e)}")
-        logging.warning("Best checkpoint %s/%d unreadable (%s); trying the one before it",
-                        best_dir(workdir), step, _first_line(e))
-        continue
-      return restored.state, step
-  finally:
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      _verify_checksums(os.path.join(best_dir(workdir), str(step)))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_variables)))
+    except Exception as e:  # pylint: disable=broad-except  (any damage: fall back)
+      problems.append(f"{step}: {type(e).__name__}: {_first_line(e)}")
+      if "not compatible with the stored shape" in str(e):
+        break  # another config's model: every earlier save has the same shapes
+      logging.warning("Best checkpoint %s/%d unreadable (%s); trying the one before it",
+                      best_dir(workdir), step, _first_line(e))
+      continue
     manager.close()
+    return restored.state, step
+  # Not closed after a failed restore: Orbax's reads still in flight would meet
+  # a closed event loop and print tracebacks after the caller's one error line.
   raise CheckpointError(f"{best_dir(workdir)}: no readable checkpoint ("
                         + ("; ".join(problems) or "none saved") + ")")
 
