@@ -637,7 +637,7 @@ class _Cases:
     base = self.base if base is None else base
     self.by_class[cls].append((name, [*base, *args], needle, {"cwd": cwd, "env": env}))
 
-  def check(self, cls, minimum=3):  # noqa: C901
+  def check_refusals(self, cls, minimum=3):
     cases = self.by_class[cls]
     assert len(cases) >= minimum, (self.module, cls)
     inputs = sorted({str(p) for p in self.inputs})
@@ -763,7 +763,7 @@ def _main_cases(env, root):
 
 @pytest.mark.parametrize("cls", COMMAND_CLASSES)
 def test_main_refuses_by_class(env, tmp_path, cls):
-  _main_cases(env, tmp_path).check(cls)
+  _main_cases(env, tmp_path).check_refusals(cls)
 
 
 def _used_run_cases(module, env, root, out_name, extra_flags=()):
@@ -849,7 +849,7 @@ def _used_run_cases(module, env, root, out_name, extra_flags=()):
 
 @pytest.mark.parametrize("cls", COMMAND_CLASSES)
 def test_report_refuses_by_class(env, tmp_path, cls):
-  _used_run_cases("lsmtl_jax.report", env, tmp_path, "report").check(cls)
+  _used_run_cases("lsmtl_jax.report", env, tmp_path, "report").check_refusals(cls)
 
 
 _INTERPRET_FLAGS = [
@@ -865,7 +865,7 @@ _INTERPRET_FLAGS = [
 @pytest.mark.parametrize("cls", COMMAND_CLASSES)
 def test_interpret_refuses_by_class(env, tmp_path, cls):
   _used_run_cases("lsmtl_jax.interpret", env, tmp_path, "relevance",
-                  _INTERPRET_FLAGS).check(cls)
+                  _INTERPRET_FLAGS).check_refusals(cls)
 
 
 EXPERIMENT_CONFIG = """
@@ -959,7 +959,7 @@ def _experiments_cases(env, root):
 
 @pytest.mark.parametrize("cls", COMMAND_CLASSES)
 def test_experiments_refuse_by_class(env, tmp_path, cls):
-  _experiments_cases(env, tmp_path).check(cls)
+  _experiments_cases(env, tmp_path).check_refusals(cls)
 
 
 def _benchmark_cases(env, root):
@@ -1016,4 +1016,4 @@ def _benchmark_cases(env, root):
 
 @pytest.mark.parametrize("cls", COMMAND_CLASSES)
 def test_benchmark_refuses_by_class(env, tmp_path, cls):
-  _benchmark_cases(env, tmp_path).check(cls)
+  _benchmark_cases(env, tmp_path).check_refusals(cls)

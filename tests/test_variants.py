@@ -356,7 +356,7 @@ def test_head_init_lsr_refused_where_no_head_sees_the_landmarks(method, compare_
 @pytest.mark.parametrize("method", ["deep_lsmtl", "densenet", "cnmtl", "amtl", "amtfl", "lsr",
                                     "knn"])
 def test_head_init_lsr_accepted_for_a_plain_head_on_the_densenet(method):
-  config_lib.validate(_with("model.head_init", "lsr", method, ("densenet", "lsr")))
+  assert config_lib.validate(_with("model.head_init", "lsr", method, ("densenet", "lsr"))) is None
 
 
 def test_good_values_pass_and_old_configs_get_the_defaults():
