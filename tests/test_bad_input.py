@@ -364,7 +364,8 @@ def _predict_cases(env, root):
   unknown = root / "profiles.xyz"
   unknown.write_text("1 2 3\n")
   add("bad field value", "unknown extension", run + [f"--input={unknown}"],
-      "cannot tell the format from the name (.gctx/.h5, .gct, .csv/.tsv/.txt or .npy); "
+      "cannot tell the format from the name (.gctx/.h5/.hdf5 (GCTx or ARCHS4), .h5ad, .gct, "
+      ".csv/.tsv/.txt or .npy); "
       "set --input_format")
   gz = root / "profiles.gct.gz"
   gct = root / "profiles.gct"

@@ -1,4 +1,5 @@
-"""Expression matrix readers and writers: GCTx, GCT text, tab/CSV tables, .npy.
+"""Expression matrix readers and writers: GCTx, GCT text, tab/CSV tables, .npy
+(ARCHS4 counts and AnnData .h5ad have their own modules, archs4.py and h5ad.py).
 
 Every reader presents the same view, samples x genes, whatever the file's
 orientation: `sample_ids`, `gene_ids` (the file's column/probe ids) and
@@ -392,7 +393,7 @@ def read_npy(path: str, gene_ids_path: str, sample_ids_path: str = "") -> ArrayM
 
 
 COMPRESSED = (".gz", ".bz2", ".xz", ".zip", ".zst")
-EXTENSIONS = ".gctx/.h5, .gct, .csv/.tsv/.txt or .npy"
+EXTENSIONS = ".gctx/.h5/.hdf5 (GCTx or ARCHS4), .h5ad, .gct, .csv/.tsv/.txt or .npy"
 
 
 def compressed_suffix(path: str) -> str | None:
@@ -403,9 +404,13 @@ def compressed_suffix(path: str) -> str | None:
 def detect_format(path: str, flag: str = "input.format") -> str:
   """The format a file name says; `flag` is what the caller's user sets instead."""
   lower = path.lower()
-  for ext, fmt in ((".gctx", "gctx"), (".h5", "gctx"), (".gct", "gct"), (".npy", "npy"),
-                   (".csv", "table"), (".tsv", "table"), (".txt", "table")):
+  for ext, fmt in ((".gctx", "gctx"), (".h5ad", "h5ad"), (".h5", "gctx"), (".hdf5", "gctx"),
+                   (".gct", "gct"), (".npy", "npy"), (".csv", "table"), (".tsv", "table"),
+                   (".txt", "table")):
     if lower.endswith(ext):
+      if ext in (".h5", ".hdf5"):  # ARCHS4 shares the extension; its groups tell it apart
+        from lsmtl_jax.data import archs4  # pylint: disable=g-import-not-at-top
+        return "archs4" if archs4.looks_like(path) else fmt
       return fmt
   ext = compressed_suffix(path)
   if ext:
@@ -418,8 +423,25 @@ def detect_format(path: str, flag: str = "input.format") -> str:
 def open_matrix(path: str, fmt: str = "auto", *, id_column: int = 0,
                 first_value_column: int = 1, delimiter: str = "auto",
                 strip_versions: bool = True, gene_ids: str = "",
-                sample_ids: str = "") -> Matrix:
+                sample_ids: str = "", transform: str = "none",
+                gene_id_field: str = "") -> Matrix:
+  """`transform='log2cpm1'` presents raw counts as log2(CPM + 1) (archs4.py);
+  `gene_id_field` picks the gene ids of ARCHS4 (meta/genes) and .h5ad (var) files."""
   fmt = detect_format(path) if fmt == "auto" else fmt
+  if gene_id_field and fmt not in ("archs4", "h5ad"):
+    raise PrepareError(f"{path}: input.gene_id_field={gene_id_field!r} is for ARCHS4 and "
+                       f".h5ad files; a {fmt} file names its genes by its row ids")
+  if fmt in ("archs4", "h5ad") or transform == "log2cpm1":
+    # These readers build on Matrix, so they are imported here, on use.
+    from lsmtl_jax.data import archs4, h5ad  # pylint: disable=g-import-not-at-top
+    cpm = transform == "log2cpm1"
+    if fmt == "archs4":
+      return archs4.Archs4Matrix(path, gene_id_field or "symbol", strip_versions, cpm=cpm)
+    m = (h5ad.H5adMatrix(path, gene_id_field, strip_versions) if fmt == "h5ad" else
+         open_matrix(path, fmt, id_column=id_column, first_value_column=first_value_column,
+                     delimiter=delimiter, strip_versions=strip_versions, gene_ids=gene_ids,
+                     sample_ids=sample_ids))
+    return archs4.Log2CPM(m) if cpm else m
   if fmt == "gctx":
     m = GctxMatrix(path)
     if strip_versions:
@@ -432,7 +454,7 @@ def open_matrix(path: str, fmt: str = "auto", *, id_column: int = 0,
     return read_table(path, id_column, first_value_column, delimiter, strip_versions)
   if fmt == "npy":
     return read_npy(path, gene_ids, sample_ids)
-  raise PrepareError(f"{path}: unknown format {fmt!r} (gctx, gct, table, npy)")
+  raise PrepareError(f"{path}: unknown format {fmt!r} (gctx, gct, table, npy, archs4, h5ad)")
 
 
 # Writers. All write [samples, genes] values with sample and gene ids.
