@@ -25,10 +25,11 @@ name, or the input's): the landmarks (in the output units, --output_units) then
 every target, one row per profile; per-gene metadata: symbol, is_landmark,
 imputed, val_cc, val_mae (expression units), val_mae_z and well_inferred
 (a target whose validation CC >= --threshold). GCTx carries it at
-/0/META/ROW/<field>, GCT 1.3 and CSV/TSV as annotation columns, .npy in a
-sidecar OUTPUT.genes.tsv. Output is written to a temporary name and renamed, so
-a failed run leaves nothing behind; the temporary of a killed run carries its pid
-(.OUTPUT.tmp-PID) and the next run of the same output removes it.
+/0/META/ROW/<field>, .h5ad as var columns (the flags as bool), GCT 1.3 and
+CSV/TSV as annotation columns, .npy in a sidecar OUTPUT.genes.tsv. Output is
+written to a temporary name and renamed, so a failed run leaves nothing behind;
+the temporary of a killed run carries its pid (.OUTPUT.tmp-PID) and the next run
+of the same output removes it.
 
 --intervals=0.9 also writes per-gene split-conformal prediction intervals
 (lsmtl_jax/intervals.py) at that coverage: OUT.lower.EXT and OUT.upper.EXT
@@ -52,6 +53,7 @@ import numpy as np
 from lsmtl_jax import inference
 from lsmtl_jax import intervals as intervals_lib
 from lsmtl_jax.data import formats
+from lsmtl_jax.data import h5ad
 from lsmtl_jax.data import prepare_lib
 from lsmtl_jax.data import store
 
@@ -170,14 +172,14 @@ def _output_format(path: str, opts: Options, input_format: str) -> str:
     fmt = opts.output_format
   else:
     if formats.compressed_suffix(path):
-      raise PredictError(f"{path}: compressed output is not written; name it .gctx, .gct, "
-                         ".csv, .tsv or .npy (and compress it afterwards)")
+      raise PredictError(f"{path}: compressed output is not written; name it .gctx, .h5ad, "
+                         ".gct, .csv, .tsv or .npy (and compress it afterwards)")
     try:
       fmt = formats.detect_format(path, "--output_format")
     except formats.PrepareError:  # a name that says nothing: write what was read
       fmt = input_format
-  if fmt not in ("gctx", "gct", "table", "npy"):
-    raise PredictError(f"{path}: unknown output format {fmt!r} (gctx, gct, table, npy)")
+  if fmt not in ("gctx", "gct", "table", "npy", "h5ad"):
+    raise PredictError(f"{path}: unknown output format {fmt!r} (gctx, gct, table, npy, h5ad)")
   return fmt
 
 
@@ -319,6 +321,11 @@ def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_i
       formats.write_gctx(path, blocks, sample_ids, gene_ids,
                          row_meta={field: meta[field] for field in ROW_META_FIELDS},
                          col_meta=col_meta)
+    elif out_format == "h5ad":  # so does write_h5ad; 0/1 flags as bool, as pandas masks them
+      flags = ("is_landmark", "imputed", "well_inferred")
+      h5ad.write_h5ad(path, blocks, sample_ids, gene_ids, obs=col_meta,
+                      var={f: meta[f].astype(bool) if f in flags else meta[f]
+                           for f in ROW_META_FIELDS})
     elif out_format == "npy":
       values = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                          shape=(n, len(gene_ids)))
@@ -514,7 +521,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A finished training run (or --model).")
   flags.DEFINE_string("model", None, "A model file from python -m lsmtl_jax.export "
                       "(or --workdir).")
-  flags.DEFINE_string("input", None, "Profiles: .gctx/.h5, .gct, .csv/.tsv/.txt or .npy.")
+  flags.DEFINE_string("input", None, "Profiles: .gctx/.h5, .h5ad, .gct, .csv/.tsv/.txt, .npy "
+                      "or an ARCHS4 .h5.")
   flags.DEFINE_string("output", None, "Where to write; format from the name.")
   flags.DEFINE_enum("input_units", "expression", UNITS, "Units of the input values.")
   flags.DEFINE_enum("output_units", "expression", UNITS, "Units of the written values.")
@@ -525,8 +533,10 @@ if __name__ == "__main__":
   flags.DEFINE_float("threshold", 0.9, "Validation CC above which a target is well inferred.")
   flags.DEFINE_integer("batch_size", 1024, "Profiles per device batch.")
   flags.DEFINE_integer("block_rows", 4096, "Profiles read and written per block.")
-  flags.DEFINE_string("input_format", "auto", "gctx, gct, table or npy; auto: from the name.")
-  flags.DEFINE_string("output_format", "auto", "gctx, gct, table or npy; auto: from the name.")
+  flags.DEFINE_string("input_format", "auto", "gctx, gct, table, npy, h5ad or archs4; auto: "
+                      "from the name.")
+  flags.DEFINE_string("output_format", "auto", "gctx, gct, table, npy or h5ad; auto: from the "
+                      "name.")
   flags.DEFINE_string("gene_ids", "", "For .npy input: gene ids, one per line.")
   flags.DEFINE_string("sample_ids", "", "For .npy input: sample ids, one per line.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
