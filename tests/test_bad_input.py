@@ -472,7 +472,7 @@ def _prepare_cases(tmp):
   add("bad field value", "copy targets", "genes.copy_targets must be drop, error or keep",
       "--config.genes.copy_targets=maybe")
   add("bad field value", "input format", "unknown format 'xml'", "--config.input.format=xml")
-  add("bad field value", "transform", "input.transform must be none or log2p1",
+  add("bad field value", "transform", "input.transform must be none, log2p1 or log2cpm1",
       "--config.input.transform=log")
   gz = tmp / "data.gctx.gz"
   _gzip(data, gz)

@@ -19,16 +19,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.input = ml_collections.ConfigDict()
   config.input.path = ""
-  config.input.format = "auto"  # gctx, gct, table (tab/CSV), npy; auto: by extension
+  # gctx, gct, table (tab/CSV), npy, h5ad, archs4; auto: by extension (an .h5 with
+  # ARCHS4's groups is archs4)
+  config.input.format = "auto"
   config.input.id_column = 0  # table: the gene id column (0-based)
   config.input.first_value_column = 1  # table: the first sample column (0-based)
   config.input.delimiter = "auto"  # table: ',' for .csv, tab otherwise
   config.input.strip_versions = True  # ENSG00000175063.12 -> ENSG00000175063
   config.input.gene_ids = ""  # npy: a file of gene ids, one per line
   config.input.sample_ids = ""  # npy: a file of sample ids (default S0, S1, ...)
+  # archs4: the meta/genes field naming the genes ('symbol', 'ensembl' or a field's
+  # name; '': symbol); h5ad: a var column ('': the var index).
+  config.input.gene_id_field = ""
   # 'log2p1' takes log2(max(v, 0) + 1) of each value before probe averaging (RPKM
   # inputs). Quantile normalization is rank based, so this changes only the
-  # duplicate distances and nothing else.
+  # duplicate distances and nothing else. 'log2cpm1' (raw counts: ARCHS4,
+  # configs/prepare/archs4.py) takes log2(counts / library * 1e6 + 1) per sample,
+  # the library being the sample's sum over every gene of the file.
   config.input.transform = "none"
 
   config.genes = ml_collections.ConfigDict()

@@ -357,8 +357,8 @@ def _validate_config(cfg) -> None:
     bad("nonfinite", f"must be error, impute or drop, got {cfg.nonfinite!r}")
   if cfg.genes.copy_targets not in ("drop", "error", "keep"):
     bad("genes.copy_targets", f"must be drop, error or keep, got {cfg.genes.copy_targets!r}")
-  if cfg.input.transform not in ("none", "log2p1"):
-    bad("input.transform", f"must be none or log2p1, got {cfg.input.transform!r}")
+  if cfg.input.transform not in ("none", "log2p1", "log2cpm1"):
+    bad("input.transform", f"must be none, log2p1 or log2cpm1, got {cfg.input.transform!r}")
   if cfg.split.mode not in ("random", *_SPLITS):
     bad("split.mode", f"must be random, train, val or test, got {cfg.split.mode!r}")
   f = tuple(cfg.split.fractions)
@@ -432,7 +432,8 @@ def prepare(cfg, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr
       cfg.input.path, cfg.input.format, id_column=cfg.input.id_column,
       first_value_column=cfg.input.first_value_column, delimiter=cfg.input.delimiter,
       strip_versions=cfg.input.strip_versions, gene_ids=cfg.input.gene_ids,
-      sample_ids=cfg.input.sample_ids)
+      sample_ids=cfg.input.sample_ids, transform=cfg.input.transform,
+      gene_id_field=cfg.input.gene_id_field)
   with matrix:
     return _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log)
 
