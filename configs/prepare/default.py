@@ -48,6 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Or plain lists, one gene id (optionally id<TAB>symbol) per line.
   config.genes.landmark_ids = ""
   config.genes.target_ids = ""
+  # Or per-gene 0/1 flags (CMap LINCS, configs/prepare/cmap.py): landmarks are the
+  # genes whose landmark_flag is 1, targets the others (only those whose
+  # target_flag is 1, if set). The fields are read from the GCTx's /0/META/ROW/,
+  # or from gene_info: a tab-separated table with a header, the data's gene id
+  # in its first column (GSE92742_Broad_LINCS_gene_info.txt).
+  config.genes.landmark_flag = ""  # e.g. pr_is_lm
+  config.genes.target_flag = ""  # e.g. pr_is_bing
+  config.genes.id_field = ""  # the gene id stored in the dataset; '': the data's row id
+  config.genes.symbol_field = ""  # e.g. pr_gene_symbol; '': the gene id
+  config.genes.gene_info = ""
   config.genes.allow_missing_landmarks = False  # else a landmark absent from the data is an error
   # Targets that copy a landmark (same gene id or data column, or identical
   # values in every sample): 'drop' (reported in meta.json), 'error', 'keep'.

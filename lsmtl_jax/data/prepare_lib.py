@@ -3,7 +3,8 @@
 Steps (docs/data.md, "The D-GEX preparation", with the original's defects fixed):
 
 1. Gene selection: D-GEX map files (symbol, Ensembl id, comma-separated probes;
-   a gene is the mean of its probes) or plain id lists. Targets that copy a
+   a gene is the mean of its probes), plain id lists, or per-gene 0/1 flags
+   such as CMap LINCS's pr_is_lm (`gene_flags.py`). Targets that copy a
    landmark (same gene id, a shared data column, or identical values) are
    reported and dropped by default.
 2. Non-finite values: an error by default (count and first location), or
@@ -44,6 +45,7 @@ from lsmtl_jax import __version__
 from lsmtl_jax import kmeans as kmeans_lib
 from lsmtl_jax.data import dedup
 from lsmtl_jax.data import formats
+from lsmtl_jax.data import gene_flags
 from lsmtl_jax.data import store
 from lsmtl_jax.data import synthetic
 from lsmtl_jax.data.formats import PrepareError
@@ -176,6 +178,11 @@ def select_genes(cfg, matrix: formats.Matrix, reference_meta: dict | None) -> Se
       raise PrepareError("config: genes.landmark_ids and genes.target_ids go together")
     lm, tg = read_ids(gcfg.landmark_ids), read_ids(gcfg.target_ids)
     sources = (gcfg.landmark_ids, gcfg.target_ids)
+  elif gcfg.landmark_flag:
+    flagged = gene_flags.select(gcfg, matrix)
+    lm, tg = ([Gene(flagged.symbols[j], flagged.ids[j], [matrix.gene_ids[j]]) for j in cols]
+              for cols in (flagged.landmarks, flagged.targets))
+    sources = (flagged.source, flagged.source)
   elif reference_meta is not None:
     lm = [Gene(s, i, [i]) for i, s in zip(reference_meta["landmarks"]["ids"],
                                           reference_meta["landmarks"]["symbols"])]
@@ -184,8 +191,11 @@ def select_genes(cfg, matrix: formats.Matrix, reference_meta: dict | None) -> Se
     sources = ("reference dataset landmarks", "reference dataset targets")
   else:
     raise PrepareError("config: no genes: set genes.landmark_map and genes.target_map, "
-                       "genes.landmark_ids and genes.target_ids, or reference_dataset")
+                       "genes.landmark_ids and genes.target_ids, genes.landmark_flag, or "
+                       "reference_dataset")
   report: dict[str, Any] = {"landmarks_listed": len(lm), "targets_listed": len(tg)}
+  if gcfg.landmark_flag:
+    report["flags"] = flagged.report
 
   # A data column may feed one landmark or target only: the same probe in both
   # maps would make a target read an input.
@@ -367,6 +377,7 @@ def _validate_config(cfg) -> None:
   if cfg.reference_dataset and cfg.split.mode == "random":
     bad("split.mode", "must be train, val or test with reference_dataset (another "
         "platform is evaluated whole)")
+  gene_flags.check_config(cfg.genes)
   if cfg.dedup.enabled and (cfg.dedup.num_clusters < 1 or cfg.dedup.threshold < 0
                             or cfg.dedup.sketch_dim < 1):
     bad("dedup", "num_clusters and sketch_dim must be positive, threshold non-negative")
@@ -417,7 +428,8 @@ def prepare(cfg, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr
   inputs = [("data", cfg.input.path)]
   for role, p in (("landmark_map", cfg.genes.landmark_map), ("target_map", cfg.genes.target_map),
                   ("landmark_ids", cfg.genes.landmark_ids), ("target_ids", cfg.genes.target_ids),
-                  ("gene_ids", cfg.input.gene_ids), ("sample_ids", cfg.input.sample_ids)):
+                  ("gene_info", cfg.genes.gene_info), ("gene_ids", cfg.input.gene_ids),
+                  ("sample_ids", cfg.input.sample_ids)):
     if p:
       inputs.append((role, p))
   if reference_meta is not None:
