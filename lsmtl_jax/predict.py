@@ -100,6 +100,10 @@ class LandmarkMapper:
     self.columns = np.array([index.get(g, -1) for g in run.landmark_ids])
     self.present = self.columns >= 0
     missing = [g for g, ok in zip(run.landmark_ids, self.present) if not ok]
+    # Named with their symbols where the run knows them: a LINCS file's ids are
+    # Entrez numbers, which say little to a reader.
+    named = [g if s in ("", g) else f"{g} ({s})"
+             for g, s, ok in zip(run.landmark_ids, run.landmark_symbols, self.present) if not ok]
     if not self.present.any():  # --impute_missing cannot help: nothing to predict from
       raise PredictError(
           f"{path}: none of the run's {run.num_landmarks} landmarks is in the input: its gene "
@@ -107,8 +111,8 @@ class LandmarkMapper:
           f"{', '.join(run.landmark_ids[:3])}; give the input the training data's kind of "
           "gene id")
     if missing and not opts.impute_missing:
-      shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)"
-                                         if len(missing) > 10 else "")
+      shown = ", ".join(named[:10]) + (f", ... ({len(missing) - 10} more)"
+                                       if len(missing) > 10 else "")
       raise PredictError(f"{path}: {len(missing)} of {run.num_landmarks} landmarks missing: "
                          f"{shown}; pass --impute_missing to fill them with training means")
     self.missing = missing
