@@ -48,6 +48,7 @@ import numpy as np
 
 from lsmtl_jax import fileio
 from lsmtl_jax import results as results_lib
+from lsmtl_jax import tuning
 
 FLAGS = flags.FLAGS
 RUN_CONFIG_NAME = "run_config.json"
@@ -373,7 +374,6 @@ def write_comparisons(workdir: str, rows: dict[str, dict]) -> None:
   """Deep-LSMTL against lam = 0 (the DenseNet), both tuned: per-seed relative
   test-MAE change and the paired per-gene test (lsmtl_vs_lam0.json, appended
   to table.md); the regime study's cells (regimes.json, regimes.md)."""
-  from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
   table = {r["method"]: r for r in rows.values()
            if r["figures"].get("table") and "tuning" in r and r["status"] == "ok"}
   if REFERENCE in table and "densenet" in table:
@@ -548,7 +548,6 @@ def regime_gains(rows: dict[str, dict]) -> list[dict]:
   setting each arm chose on validation and a paired per-gene test on the
   seed-mean per-gene MAE. Arms of a reading pair with that reading's lam = 0
   arm, else with the default reading's."""
-  from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
   cells: dict[tuple, dict[str, dict]] = {}
   for r in _grouped(rows, "regime"):
     f = r["figures"]["regime"]
@@ -652,33 +651,54 @@ def _tuned_entries(runs: list[dict]) -> list[dict]:
   return out
 
 
+def _run_key(run: dict) -> str:
+  return run.get("name") or run_name(run["method"], dict(run.get("overrides", {})))
+
+
+def _rows_of(runs: list[dict], rows: dict[str, dict]) -> list[dict]:
+  """The collected rows of `runs`, each tagged as that run (a run two entries
+  share is trained once but counted for both)."""
+  return [{**rows[_run_key(r)], "tuning": r["tuning"]} for r in runs]
+
+
 def run_tuned(config, entries: list[dict], workdir: str, jobs: int = 1) -> tuple[dict, dict]:
-  """Candidates, the choice on validation, then seeds (tuning.py); returns
-  ({entry key: aggregated row}, {run name: status})."""
-  from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
+  """Candidates, the choice on validation, then seeds (tuning.py), level by
+  level when entries are tuned on top of others (an entry's seeds run beside
+  the next level's candidates); returns ({entry key: aggregated row}, {run
+  name: status})."""
   from lsmtl_jax.methods import registry  # pylint: disable=g-import-not-at-top
-  first = plan(config, [r for e in entries
-                        for r in tuning.candidate_runs(e, registry.get(e["method"]))])
-  status = execute(first, workdir, jobs)
-  first_rows = collect(first, workdir)
-  second_runs, chosen = [], {}
-  for e in entries:
-    rows = [r for r in first_rows.values() if r["tuning"]["entry"] == e["key"]]
-    best = tuning.choose(rows)
-    chosen[e["key"]] = rows, best
-    if best is not None:
-      logging.info("%s: chose %s (val MAE %.5f) of %d tried", e["key"],
-                   best["tuning"]["setting"] or "the defaults",
-                   best["splits"]["val"]["mae_mean"], len(rows))
-      second_runs += tuning.seed_runs(e, best["tuning"]["setting"])
-  second = plan(config, second_runs)
-  status.update(execute(second, workdir, jobs))
-  second_rows = collect(second, workdir)
+  status: dict[str, str] = {}
+  tried: dict[str, list[dict]] = {}
+  chosen: dict[str, dict | None] = {}
+  pending: dict[str, list[dict]] = {}  # seed runs of the previous level
+  seeds: dict[str, list[dict]] = {}  # their rows
+  for level in tuning.levels(entries) + [[]]:
+    candidates = {}
+    for e in level:
+      base = e["tune"].get("on_top_of")
+      if base is None or chosen.get(base) is not None:
+        candidates[e["key"]] = tuning.candidate_runs(
+            e, registry.get(e["method"]), chosen.get(base) if base else None)
+      else:  # nothing to build on: the entry is reported missing
+        candidates[e["key"]], chosen[e["key"]] = [], None
+    runs = [r for rs in list(candidates.values()) + list(pending.values()) for r in rs]
+    planned = plan(config, runs)
+    status.update(execute(planned, workdir, jobs))
+    rows = collect(planned, workdir)
+    seeds.update({key: _rows_of(rs, rows) for key, rs in pending.items()})
+    pending = {}
+    for e in level:
+      tried[e["key"]] = _rows_of(candidates[e["key"]], rows)
+      best = tuning.choose(tried[e["key"]])
+      chosen[e["key"]] = best["tuning"]["setting"] if best is not None else None
+      if best is not None:
+        logging.info("%s: chose %s (val MAE %.5f) of %d tried", e["key"],
+                     best["tuning"]["setting"] or "the defaults",
+                     best["splits"]["val"]["mae_mean"], len(tried[e["key"]]))
+        pending[e["key"]] = tuning.seed_runs(e, best["tuning"]["setting"])
   out = {}
   for e in entries:
-    rows, best = chosen[e["key"]]
-    seeds = [r for r in second_rows.values() if r["tuning"]["entry"] == e["key"]]
-    out[e["key"]] = tuning.aggregate(e, rows, seeds)
+    out[e["key"]] = tuning.aggregate(e, tried.get(e["key"], []), seeds.get(e["key"], []))
   return out, status
 
 
@@ -715,11 +735,11 @@ def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir:
   wants_workdir = len(inspect.signature(module.get_runs).parameters) > 1
   runs = module.get_runs(config, workdir) if wants_workdir else module.get_runs(config)
   tuned = _tuned_entries(runs)
+  tuning.levels(tuned)  # an unknown or circular on_top_of, before anything runs
   planned = plan(config, [r for r in runs if not r.get("tune")])
   if jobs > 0:  # (jobs = 0 trains nothing: the tables of what has finished)
     check_runs(planned)
   if tuned and jobs > 0:  # the candidates of step 1 (seeds differ only in seed and setting)
-    from lsmtl_jax import tuning  # pylint: disable=g-import-not-at-top
     from lsmtl_jax.methods import registry  # pylint: disable=g-import-not-at-top
     check_runs(plan(config, [r for e in tuned
                              for r in tuning.candidate_runs(e, registry.get(e["method"]))]))
@@ -766,7 +786,8 @@ def main(argv):
   path = config_flags.get_config_filename(FLAGS["config"])
   try:
     result = run_experiment(path, FLAGS.config, FLAGS.workdir, FLAGS.jobs)
-  except (config_lib.ConfigError, store.DatasetError, results_lib.WorkdirError) as e:
+  except (config_lib.ConfigError, store.DatasetError, results_lib.WorkdirError,
+          tuning.TuningError) as e:
     _refuse(str(e))
   except KeyError as e:
     _refuse(str(e))

@@ -11,6 +11,11 @@ A tuned entry {"method", "overrides", "tune": {...}, "figures"} becomes
      evaluating test once per seed.
 Candidates come from a seeded shuffle of the tunables' grid, the method's
 defaults first, so every method gets the same number of tries.
+
+"tune": {"on_top_of": KEY} tunes an entry on top of another entry's choice:
+each of its candidates is the other entry's chosen setting plus its own
+search point (e.g. Deep-LSMTL's lam on the dropout the lam = 0 network chose),
+so the added coefficient is judged against a tuned network, on validation only.
 """
 
 from __future__ import annotations
@@ -50,10 +55,34 @@ def search_space(entry: dict, method) -> list[dict[str, Any]]:
                     int(tune.get("search_seed", 0)))
 
 
-def candidate_runs(entry: dict, method) -> list[dict]:
-  """The runs of step 1, each tagged with its entry and setting."""
+class TuningError(ValueError):
+  """A plan whose tuned entries cannot be ordered (an unknown or circular on_top_of)."""
+
+
+def levels(entries: list[dict]) -> list[list[dict]]:
+  """Entries grouped so that each comes after the entry it is tuned on top of."""
+  keys = {e["key"] for e in entries}
+  done: set[str] = set()
+  out, pending = [], list(entries)
+  while pending:
+    level = [e for e in pending if e["tune"].get("on_top_of") in done | {None}]
+    if not level:
+      bad = pending[0]
+      base = bad["tune"]["on_top_of"]
+      why = "is not a tuned entry of the plan" if base not in keys else "is circular"
+      raise TuningError(f"entry {bad['key']}: on_top_of {base!r} {why}")
+    out.append(level)
+    done |= {e["key"] for e in level}
+    pending = [e for e in pending if e["key"] not in done]
+  return out
+
+
+def candidate_runs(entry: dict, method, base: dict | None = None) -> list[dict]:
+  """The runs of step 1, each tagged with its entry and setting; `base` is the
+  chosen setting of the entry this one is tuned on top of."""
   out = []
-  for i, setting in enumerate(search_space(entry, method)):
+  for i, own in enumerate(search_space(entry, method)):
+    setting = {**(base or {}), **own}
     out.append({"method": entry["method"], "figures": {},
                 "overrides": {**entry.get("overrides", {}), **setting, **NO_TEST, "seed": 0},
                 "tuning": {"entry": entry["key"], "role": "candidate", "index": i,

@@ -69,6 +69,33 @@ def test_aggregate_and_paired_seeds_against_numpy():
   assert gain["sd"] == pytest.approx(np.std(expected, ddof=1))
 
 
+def _entry(key, on_top_of=None, search=({"k": 1}, {"k": 2})):
+  tune = {"search": list(search), "seeds": 2}
+  if on_top_of:
+    tune["on_top_of"] = on_top_of
+  return {"key": key, "method": "densenet", "overrides": {"a": 0}, "tune": tune}
+
+
+def test_entries_tuned_on_top_of_others_come_after_them():
+  entries = [_entry("c", "b"), _entry("a"), _entry("b", "a"), _entry("d")]
+  assert [[e["key"] for e in level] for level in tuning.levels(entries)] == [
+      ["a", "d"], ["b"], ["c"]]
+  with pytest.raises(tuning.TuningError, match="entry x: on_top_of 'nope' is not a tuned"):
+    tuning.levels([_entry("x", "nope")])
+  with pytest.raises(tuning.TuningError, match="circular"):
+    tuning.levels([_entry("x", "y"), _entry("y", "x")])
+
+
+def test_candidates_on_top_of_a_choice_carry_it_and_their_own_point():
+  from lsmtl_jax.methods import registry
+  runs = tuning.candidate_runs(_entry("b", "a", search=({"lsmtl.lam": 0.1}, {})),
+                               registry.get("densenet"), {"model.dropout": 0.3, "lsmtl.lam": 9})
+  assert [r["tuning"]["setting"] for r in runs] == [
+      {"model.dropout": 0.3, "lsmtl.lam": 0.1}, {"model.dropout": 0.3, "lsmtl.lam": 9}]
+  assert all(r["overrides"]["a"] == 0 and r["overrides"]["data.test_split"] == ""
+             for r in runs)
+
+
 EXPERIMENT = textwrap.dedent("""
     import importlib.util, os
     spec = importlib.util.spec_from_file_location(
@@ -114,6 +141,8 @@ def test_regime_study_selects_on_validation_runs_seeds_and_plots(tmp_path):
     assert len(g["gain_per_seed"]) == 2
     assert g["lsmtl_chosen"]["lsmtl.lam"] in (0.1, 1.0)
     assert g["lam0_chosen"]["model.dropout"] in (0.0, 0.1)
+    # Deep-LSMTL's lam was tuned on top of the dropout the lam = 0 arm chose.
+    assert g["lsmtl_chosen"]["model.dropout"] == g["lam0_chosen"]["model.dropout"]
     expected = (g["lam0_test_mae"] - g["lsmtl_test_mae"]) / g["lam0_test_mae"]
     assert g["gain_mean"] == pytest.approx(expected, abs=0.05)  # mean of ratios vs ratio
   assert (workdir / "regimes.png").stat().st_size > 1000
