@@ -129,7 +129,6 @@ class Archs4Matrix(formats.Matrix):
         index[gid] = len(rows)
         rows.append(row)
     self.gene_ids = list(index)
-    self.id_node = node
     self._rows = np.asarray(rows, np.int64)
     self._extra_rows = np.asarray(extra_rows, np.int64)
     self._extra_to = np.asarray(extra_to, np.int64)
