@@ -293,6 +293,6 @@ def test_readme_keeps_the_install_commands():
   readme = read("README.md")
   for command in ("pip install -e . && python -m lsmtl_jax.main --config=configs/demo.py "
                   "--workdir=runs/demo",
-                  "pip install -e '.[test]' && python -m pytest -n auto"):
+                  "pip install -e '.[test]' && python -m pytest -n auto --dist loadfile"):
     assert f"\n{command}\n" in readme, f"README.md lost the command: {command}"
   assert len(readme.split("\n")) < 150, "README.md is the front door: keep it short"
