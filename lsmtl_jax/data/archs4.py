@@ -1,4 +1,4 @@
-"""ARCHS4 gene counts (human_gene_v2.x.h5) as a formats.Matrix, and the log2(CPM + 1) view.
+"""ARCHS4 gene counts (human_gene_v2.x.h5) as a matrix.Matrix, and the log2(CPM + 1) view.
 
 The layout, as archs4py reads it:
 
@@ -31,8 +31,8 @@ import os
 import h5py
 import numpy as np
 
-from lsmtl_jax.data import formats
-from lsmtl_jax.data.formats import PrepareError
+from lsmtl_jax.data import matrix
+from lsmtl_jax.data.matrix import PrepareError
 
 EXPRESSION = "data/expression"
 GENES = "meta/genes"
@@ -76,7 +76,7 @@ def check_counts(values: np.ndarray, path: str, where) -> None:
                        "this block)")
 
 
-class Archs4Matrix(formats.Matrix):
+class Archs4Matrix(matrix.Matrix):
   """An ARCHS4 file read in blocks of samples; counts, or log2(CPM + 1) with `cpm`."""
 
   def __init__(self, path: str, gene_id_field: str = "symbol", strip_versions: bool = True,
@@ -87,7 +87,7 @@ class Archs4Matrix(formats.Matrix):
     try:
       self._file = h5py.File(path, "r", rdcc_nbytes=64 << 20)
     except OSError as e:
-      raise PrepareError(f"{path}: not a readable HDF5 file: {formats._first_line(e)}") from None
+      raise PrepareError(f"{path}: not a readable HDF5 file: {matrix.first_line(e)}") from None
     try:
       self._open(gene_id_field or "symbol", strip_versions)
     except PrepareError:
@@ -95,7 +95,7 @@ class Archs4Matrix(formats.Matrix):
       raise
     except (OSError, KeyError, ValueError) as e:
       self._file.close()
-      raise PrepareError(f"{path}: unreadable ARCHS4 file: {formats._first_line(e)}") from None
+      raise PrepareError(f"{path}: unreadable ARCHS4 file: {matrix.first_line(e)}") from None
 
   def _open(self, field: str, strip_versions: bool) -> None:
     f, path = self._file, self.path
@@ -105,18 +105,18 @@ class Archs4Matrix(formats.Matrix):
     if data.dtype.kind not in "fiu":
       raise PrepareError(f"{path}: /{EXPRESSION} holds {data.dtype}, not counts")
     node = self._gene_field(field)
-    raw_ids = formats._decode(f[node][()])
+    raw_ids = matrix.decode_ids(f[node][()])
     sample_node = f"{SAMPLES}/{SAMPLE_ID}"
     if sample_node not in f:
       raise PrepareError(f"{path}: no sample ids at /{sample_node}")
-    self.sample_ids = formats._decode(f[sample_node][()])
+    self.sample_ids = matrix.decode_ids(f[sample_node][()])
     if data.shape != (len(raw_ids), len(self.sample_ids)):
       raise PrepareError(
           f"{path}: /{EXPRESSION} has shape {data.shape}, expected [genes, samples] = "
           f"({len(raw_ids)}, {len(self.sample_ids)}) from /{node} and /{sample_node}")
-    formats._check_unique(self.sample_ids, f"sample (/{sample_node})", path)
+    matrix.check_unique(self.sample_ids, f"sample (/{sample_node})", path)
     if strip_versions:  # touches Ensembl ids only; symbols pass unchanged
-      raw_ids = [formats.strip_version(g) for g in raw_ids]
+      raw_ids = [matrix.strip_version(g) for g in raw_ids]
     index: dict[str, int] = {}
     rows, extra_rows, extra_to = [], [], []
     for row, gid in enumerate(x.strip() for x in raw_ids):
@@ -153,7 +153,7 @@ class Archs4Matrix(formats.Matrix):
       block = self._data[:, start:stop]  # [genes, samples]: one read of whole chunks
     except (OSError, ValueError) as e:
       raise PrepareError(f"{self.path}: cannot read samples {start}-{stop} "
-                         f"(truncated file?): {formats._first_line(e)}") from None
+                         f"(truncated file?): {matrix.first_line(e)}") from None
     check_counts(block, self.path, lambda r, c: (
         f"/{EXPRESSION} at gene row {r}, sample {self.sample_ids[start + c]}"))
     out = np.empty((stop - start, len(self._rows)), np.float32)
@@ -175,20 +175,20 @@ class Archs4Matrix(formats.Matrix):
         raise PrepareError(f"{self.path}: /{SAMPLES}/{name} has shape {node.shape}, expected "
                            f"one value for each of {self.num_samples} samples")
       try:
-        out[name] = formats.decode_metadata(node[()])
+        out[name] = matrix.decode_metadata(node[()])
       except (OSError, ValueError) as e:
         raise PrepareError(f"{self.path}: cannot read /{SAMPLES}/{name}: "
-                           f"{formats._first_line(e)}") from None
+                           f"{matrix.first_line(e)}") from None
     return out
 
   def close(self) -> None:
     self._file.close()
 
 
-class Log2CPM(formats.Matrix):
+class Log2CPM(matrix.Matrix):
   """log2(CPM + 1) of another matrix of raw counts (a GCTx or .h5ad of counts)."""
 
-  def __init__(self, inner: formats.Matrix):
+  def __init__(self, inner: matrix.Matrix):
     self.inner, self.path = inner, inner.path
     self.sample_ids, self.gene_ids = inner.sample_ids, inner.gene_ids
     self.row_chunk = inner.row_chunk

@@ -20,13 +20,24 @@ names the file.
 from __future__ import annotations
 
 import os
-import re
 from typing import Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
 
+from lsmtl_jax.data import archs4
+from lsmtl_jax.data import h5ad
+from lsmtl_jax.data import matrix
 from lsmtl_jax.data import store
+
+# The shared pieces live in matrix.py, below the readers of every format.
+PrepareError = matrix.PrepareError
+Matrix = matrix.Matrix
+strip_version = matrix.strip_version
+decode_metadata = matrix.decode_metadata
+_check_unique = matrix.check_unique
+_decode = matrix.decode_ids
+_first_line = matrix.first_line
 
 DATA_NODE = "0/DATA/0/matrix"
 ROW_ID_NODE = "0/META/ROW/id"  # genes
@@ -34,39 +45,7 @@ COL_ID_NODE = "0/META/COL/id"  # samples
 ROW_META_GROUP = "0/META/ROW"  # per-gene fields beside id
 COL_META_GROUP = "0/META/COL"  # per-sample fields beside id
 GCTX_VERSION = "GCTX1.0"
-# CMap's missing value for numeric metadata (cmapPy's parse turns it into NaN).
-MISSING = -666
-_VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]+\d+)\.\d+(_PAR_Y)?$")  # ENSG, ENST, ENSGR (old PAR), ENSMUSG
-
-
-class PrepareError(ValueError):
-  """Bad input or configuration for prepare; the message is one line naming the file."""
-
-
-def strip_version(gene_id: str) -> str:
-  """ENSG00000175063.12 -> ENSG00000175063 (Ensembl ids only; others unchanged)."""
-  m = _VERSION_SUFFIX.match(gene_id)
-  if m is None:
-    return gene_id
-  return m.group(1) + (m.group(2) or "")
-
-
-def _check_unique(ids: Sequence[str], what: str, path: str) -> None:
-  seen: dict[str, int] = {}
-  dups = []
-  for i, x in enumerate(ids):
-    if x in seen:
-      dups.append((x, seen[x], i))
-    else:
-      seen[x] = i
-  if dups:
-    x, a, b = dups[0]
-    raise PrepareError(f"{path}: {len(dups)} duplicate {what} id(s), first {x!r} at "
-                       f"positions {a} and {b}")
-
-
-def _decode(ids) -> list[str]:
-  return [x.decode() if isinstance(x, bytes) else str(x) for x in ids]
+MISSING = matrix.MISSING
 
 
 def metadata_array(values, field: str, path: str) -> np.ndarray:
@@ -85,16 +64,6 @@ def metadata_array(values, field: str, path: str) -> np.ndarray:
   return np.array([x if isinstance(x, bytes) else str(x).encode() for x in v], dtype="S")
 
 
-def decode_metadata(values: np.ndarray) -> np.ndarray:
-  """A stored metadata field as read back: strings decoded, numeric -666 as NaN."""
-  v = np.asarray(values)
-  if v.dtype.kind == "f":
-    return np.where(v == MISSING, np.nan, v)
-  if v.dtype.kind in "SO":
-    return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in v], object)
-  return v
-
-
 def read_gctx_metadata(path: str, group: str) -> dict[str, np.ndarray]:
   """Every field of /0/META/ROW or /0/META/COL but id, decoded (decode_metadata)."""
   with h5py.File(path, "r") as f:
@@ -102,40 +71,6 @@ def read_gctx_metadata(path: str, group: str) -> dict[str, np.ndarray]:
       return {}
     return {name: decode_metadata(node[()]) for name, node in f[group].items()
             if name != "id" and isinstance(node, h5py.Dataset)}
-
-
-class Matrix:
-  """A samples x genes matrix behind a file. Subclasses implement `_read`."""
-
-  path: str
-  sample_ids: list[str]
-  gene_ids: list[str]
-  row_chunk: int = 1  # rows per storage chunk; block reads align to it
-
-  @property
-  def num_samples(self) -> int:
-    return len(self.sample_ids)
-
-  @property
-  def num_genes(self) -> int:
-    return len(self.gene_ids)
-
-  def read_rows(self, start: int, stop: int) -> np.ndarray:
-    return self._read(start, stop)
-
-  def column_metadata(self) -> dict[str, np.ndarray]:
-    """Per-sample fields besides the id (GCTx /0/META/COL, GCT 1.3 column
-    metadata rows), one value per sample; empty where the format has none."""
-    return {}
-
-  def close(self) -> None:
-    pass
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 class GctxMatrix(Matrix):
@@ -229,11 +164,6 @@ class ArrayMatrix(Matrix):
 
   def column_metadata(self) -> dict[str, np.ndarray]:
     return dict(self._column_meta)
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
 
 
 def _parse_floats(cells: Sequence[str], path: str, line_no: int, first_col: int) -> list[float]:
@@ -409,7 +339,6 @@ def detect_format(path: str, flag: str = "input.format") -> str:
                    (".txt", "table")):
     if lower.endswith(ext):
       if ext in (".h5", ".hdf5"):  # ARCHS4 shares the extension; its groups tell it apart
-        from lsmtl_jax.data import archs4  # pylint: disable=g-import-not-at-top
         return "archs4" if archs4.looks_like(path) else fmt
       return fmt
   ext = compressed_suffix(path)
@@ -433,7 +362,6 @@ def open_matrix(path: str, fmt: str = "auto", *, id_column: int = 0,
                        f".h5ad files; a {fmt} file names its genes by its row ids")
   if fmt in ("archs4", "h5ad") or transform == "log2cpm1":
     # These readers build on Matrix, so they are imported here, on use.
-    from lsmtl_jax.data import archs4, h5ad  # pylint: disable=g-import-not-at-top
     cpm = transform == "log2cpm1"
     if fmt == "archs4":
       return archs4.Archs4Matrix(path, gene_id_field or "symbol", strip_versions, cpm=cpm)

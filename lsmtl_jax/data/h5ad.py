@@ -27,9 +27,9 @@ from typing import Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from lsmtl_jax.data import formats
+from lsmtl_jax.data import matrix
 from lsmtl_jax.data import store
-from lsmtl_jax.data.formats import PrepareError
+from lsmtl_jax.data.matrix import PrepareError
 
 ROOT_ATTRS = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
 EMPTY_DICTS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
@@ -47,7 +47,7 @@ def _encoding(node) -> str | None:
 
 
 def _strings(values) -> np.ndarray:
-  return np.array(formats._decode(values), object)
+  return np.array(matrix.decode_ids(values), object)
 
 
 def read_column(node, n: int, where: str) -> np.ndarray | None:
@@ -75,7 +75,7 @@ def read_column(node, n: int, where: str) -> np.ndarray | None:
   return None
 
 
-class H5adMatrix(formats.Matrix):
+class H5adMatrix(matrix.Matrix):
   """The X of an .h5ad, samples (obs) as rows, genes (var) as columns."""
 
   def __init__(self, path: str, gene_id_field: str = "", strip_versions: bool = True):
@@ -86,7 +86,7 @@ class H5adMatrix(formats.Matrix):
       self._file = h5py.File(path, "r", rdcc_nbytes=64 << 20)
     except OSError as e:
       raise PrepareError(f"{path}: not a readable HDF5 file (truncated, or not .h5ad?): "
-                         f"{formats._first_line(e)}") from None
+                         f"{matrix.first_line(e)}") from None
     try:
       self._open(gene_id_field, strip_versions)
     except PrepareError:
@@ -94,7 +94,7 @@ class H5adMatrix(formats.Matrix):
       raise
     except (OSError, KeyError, ValueError, TypeError) as e:
       self._file.close()
-      raise PrepareError(f"{path}: unreadable .h5ad: {formats._first_line(e)}") from None
+      raise PrepareError(f"{path}: unreadable .h5ad: {matrix.first_line(e)}") from None
 
   def _open(self, gene_id_field: str, strip_versions: bool) -> None:
     f, path = self._file, self.path
@@ -114,7 +114,7 @@ class H5adMatrix(formats.Matrix):
                           f"{gene_id_field}")
       if genes is None or genes.dtype != object:
         raise PrepareError(f"{path}: /var/{gene_id_field} is not a column of strings")
-    self.gene_ids = [formats.strip_version(g) if strip_versions else g for g in genes]
+    self.gene_ids = [matrix.strip_version(g) if strip_versions else g for g in genes]
     x = f["X"]
     n, g = len(self.sample_ids), len(self.gene_ids)
     if isinstance(x, h5py.Dataset):
@@ -149,8 +149,8 @@ class H5adMatrix(formats.Matrix):
         raise PrepareError(f"{path}: /X/data holds {x['data'].dtype}, not numbers")
     if shape != (n, g):
       raise PrepareError(f"{path}: /X has shape {shape}, expected [obs, var] = ({n}, {g})")
-    formats._check_unique(self.sample_ids, "sample (obs index)", path)
-    formats._check_unique(self.gene_ids, f"gene (var {gene_id_field or 'index'})", path)
+    matrix.check_unique(self.sample_ids, "sample (obs index)", path)
+    matrix.check_unique(self.gene_ids, f"gene (var {gene_id_field or 'index'})", path)
     self._x = x
 
   def _index(self, name: str) -> np.ndarray:
@@ -169,7 +169,7 @@ class H5adMatrix(formats.Matrix):
       data, cols = (np.asarray(d[lo:hi]) for d in self._sparse)
     except (OSError, ValueError) as e:
       raise PrepareError(f"{self.path}: cannot read rows {start}-{stop} (truncated file?): "
-                         f"{formats._first_line(e)}") from None
+                         f"{matrix.first_line(e)}") from None
     g = self.num_genes
     if len(cols) and (cols.min() < 0 or cols.max() >= g):
       raise PrepareError(f"{self.path}: /X/indices holds column {int(cols.max())} in rows "
