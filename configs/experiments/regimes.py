@@ -57,7 +57,7 @@ def get_config():
       # 'lsr_head'), e.g. --config.study.readings="('detach_input','lsr_head')";
       # none in the default plan, which is sized for an hour on 2 cores.
       readings=(),
-      reading_width=128, reading_datasets=("geo_shaped",),
+      reading_width=128, reading_datasets=("geo_shaped",), reading_n_train=(),  # () = all
       lam_values=(0.01, 0.1, 1.0),
       lsmtl_on_lam0_choice=True,
       dropout_values=(0.0, 0.1, 0.3),
@@ -145,7 +145,9 @@ def get_runs(config, workdir=None):
     for n in s.n_train:
       for width in s.widths:
         readings = ["default"] + (list(s.readings) if width == s.reading_width
-                                  and dataset in s.reading_datasets else [])
+                                  and dataset in s.reading_datasets
+                                  and (not s.reading_n_train or n in s.reading_n_train)
+                                  else [])
         for reading in readings:
           extra, both_arms = READINGS.get(reading, ({}, False))
           base = {**_cell(config, dataset, n, width, geo), **extra}
