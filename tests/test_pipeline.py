@@ -1,0 +1,96 @@
+"""pipeline: the reader and writer threads predict streams through. Order,
+errors (the same exception object, in the caller's thread), stopping, and
+when a written item may be reused; no timing."""
+
+import threading
+
+import pytest
+
+from lsmtl_jax import pipeline
+
+
+class Boom(Exception):
+  pass
+
+
+def test_the_reader_keeps_order_and_raises_the_generators_error():
+  def items():
+    yield from range(5)
+    raise error
+
+  error = Boom("block 5 unreadable")
+  reader = pipeline.Reader(items(), depth=2)
+  got = []
+  with pytest.raises(Boom) as e:
+    for x in reader:
+      got.append(x)
+  reader.close()
+  assert got == [0, 1, 2, 3, 4] and e.value is error
+
+
+def test_closing_the_reader_stops_its_generator():
+  closed = threading.Event()
+
+  def items():
+    try:
+      for i in range(10**9):
+        yield i
+    finally:
+      closed.set()
+
+  reader = pipeline.Reader(items(), depth=2)
+  assert next(iter(reader)) == 0
+  reader.close()
+  assert closed.is_set()
+
+
+def test_the_writer_consumes_in_order_and_recycles_only_what_it_is_done_with():
+  recycled, seen = [], []
+
+  def consume(items):
+    for x in items:
+      assert x not in recycled  # still in use
+      seen.append((x, list(recycled)))
+    return "done"
+
+  writer = pipeline.Writer(consume, depth=1, recycle=recycled.append)
+  for x in range(6):
+    writer.put(x)
+  assert writer.finish() == "done"
+  assert [x for x, _ in seen] == list(range(6))
+  for x, before in seen:  # when x was handed to consume, everything before it was back
+    assert before == list(range(x))
+  assert recycled == list(range(6))
+
+
+def test_a_writers_error_reaches_the_caller_as_is():
+  error = Boom("disk full")
+
+  def consume(items):
+    for x in items:
+      if x == 2:
+        raise error
+
+  writer = pipeline.Writer(consume, depth=1)
+  with pytest.raises(Boom) as e:
+    for x in range(100):  # the queue fills once the writer is gone
+      writer.put(x)
+    writer.finish()
+  assert e.value is error
+
+
+def test_abort_stops_consume_inside_so_it_can_clean_up():
+  cleaned = threading.Event()
+
+  def consume(items):
+    try:
+      for _ in items:
+        pass
+    except pipeline.Stopped:
+      cleaned.set()
+      raise
+
+  writer = pipeline.Writer(consume, depth=1)
+  writer.put(1)
+  writer.abort()
+  assert cleaned.is_set() and writer.error is None
