@@ -20,16 +20,20 @@ mapped by rank onto the training landmarks' mean sorted profile (any monotone
 scale works, e.g. RPKM), then standardized.
 
 The input is read and written in row blocks (--block_rows), so a GCTx of any
-number of profiles streams through bounded memory. Output (format from its
+number of profiles streams through bounded memory: a reader thread reads ahead
+while the model computes, and one writer thread per output file writes the
+prediction and both bounds in the same pass (lsmtl_jax/pipeline.py); the busy
+seconds of each stage are in the summary (--summary_json). Output (format from its
 name, or the input's): the landmarks (in the output units, --output_units) then
 every target, one row per profile; per-gene metadata: symbol, is_landmark,
 imputed, val_cc, val_mae (expression units), val_mae_z and well_inferred
 (a target whose validation CC >= --threshold). GCTx carries it at
 /0/META/ROW/<field>, .h5ad as var columns (the flags as bool), GCT 1.3 and
-CSV/TSV as annotation columns, .npy in a sidecar OUTPUT.genes.tsv. Output is
-written to a temporary name and renamed, so a failed run leaves nothing behind;
-the temporary of a killed run carries its pid (.OUTPUT.tmp-PID) and the next run
-of the same output removes it.
+CSV/TSV as annotation columns, .npy in a sidecar OUTPUT.genes.tsv. The output
+files are written in a temporary folder beside them and moved into place when
+all are complete, so a failed run leaves none of them; the folder of a killed
+run carries its pid (.OUTPUT.tmp-PID) and the next run of the same output
+removes it.
 
 --intervals=0.9 also writes per-gene split-conformal prediction intervals
 (lsmtl_jax/intervals.py) at that coverage: OUT.lower.EXT and OUT.upper.EXT
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from typing import Iterator
@@ -50,8 +55,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from lsmtl_jax import fileio
 from lsmtl_jax import inference
 from lsmtl_jax import intervals as intervals_lib
+from lsmtl_jax import pipeline
 from lsmtl_jax.data import formats
 from lsmtl_jax.data import h5ad
 from lsmtl_jax.data import prepare_lib
@@ -126,8 +133,13 @@ class LandmarkMapper:
       self.reference = np.interp(np.linspace(0, 1, n_present),
                                  np.linspace(0, 1, len(ref)), ref)
 
-  def __call__(self, raw: np.ndarray, first_row: int, sample_ids: list[str]) -> np.ndarray:
-    values = raw[:, self.columns[self.present]].astype(np.float64)
+  def select(self, raw: np.ndarray) -> np.ndarray:
+    """The input's landmark columns (the present ones, in the run's order): all
+    of a raw block that prediction reads, a twelfth of a LINCS row."""
+    return raw[:, self.columns[self.present]]
+
+  def __call__(self, selected: np.ndarray, first_row: int, sample_ids: list[str]) -> np.ndarray:
+    values = selected.astype(np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
       r, c = np.argwhere(bad)[0]
@@ -135,7 +147,7 @@ class LandmarkMapper:
       raise PredictError(f"{self.path}: {int(bad.sum())} non-finite landmark value(s), first "
                          f"at sample {sample_ids[first_row + r]}, landmark column "
                          f"{self.columns[gene]}")
-    z = np.zeros((raw.shape[0], len(self.columns)))
+    z = np.zeros((selected.shape[0], len(self.columns)))
     present = self.present
     if self.reference is not None:
       expression = prepare_lib.rank_map(values, self.reference)
@@ -315,19 +327,22 @@ def interval_paths(output_path: str) -> dict[str, str]:
 
 
 def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_ids, meta,
-                  col_meta) -> None:
+                  col_meta, into: str = "") -> None:
   """One output file, complete or not at all: written under a temporary name
-  (its pid in it), renamed when done."""
-  store.remove_abandoned(path)
-  tmp = store.temp_name(path)
+  (its pid in it), renamed when done. With `into`, the file goes into that
+  folder under `path`'s base name, for the caller to move into place; errors
+  name `path` either way."""
+  target = os.path.join(into, os.path.basename(path)) if into else path
+  store.remove_abandoned(target)
+  tmp = store.temp_name(target)
   try:
     if out_format == "gctx":  # write_gctx writes under the same temporary name itself
-      formats.write_gctx(path, blocks, sample_ids, gene_ids,
+      formats.write_gctx(target, blocks, sample_ids, gene_ids,
                          row_meta={field: meta[field] for field in ROW_META_FIELDS},
                          col_meta=col_meta)
     elif out_format == "h5ad":  # so does write_h5ad; 0/1 flags as bool, as pandas masks them
       flags = ("is_landmark", "imputed", "well_inferred")
-      h5ad.write_h5ad(path, blocks, sample_ids, gene_ids, obs=col_meta,
+      h5ad.write_h5ad(target, blocks, sample_ids, gene_ids, obs=col_meta,
                       var={f: meta[f].astype(bool) if f in flags else meta[f]
                            for f in ROW_META_FIELDS})
     elif out_format == "npy":
@@ -340,8 +355,8 @@ def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_i
       values.flush()
       del values
       write_genes_sidecar(tmp + ".genes", gene_ids, meta)
-      os.replace(tmp + ".genes", path + ".genes.tsv")
-      os.replace(tmp, path)
+      os.replace(tmp + ".genes", target + ".genes.tsv")
+      os.replace(tmp, target)
     else:
       values = np.concatenate(list(blocks)) if n else np.zeros((0, len(gene_ids)))
       if out_format == "gct":
@@ -349,13 +364,142 @@ def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_i
       else:  # the delimiter follows the output's name, not the temporary one
         delimiter = "," if path.lower().endswith(".csv") else "\t"
         write_table_with_meta(tmp, values, sample_ids, gene_ids, meta, delimiter)
-      os.replace(tmp, path)
+      os.replace(tmp, target)
   except BaseException as e:
     _remove(tmp)
     _remove(tmp + ".genes")
     if isinstance(e, OSError):
       raise PredictError(f"{path}: cannot write: {e.strerror or _first_line(e)}") from None
     raise
+
+
+def _files_of(path: str, out_format: str) -> list[str]:
+  """The files of one output: an .npy output has its genes beside it."""
+  return [path, path + ".genes.tsv"] if out_format == "npy" else [path]
+
+
+def _size(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return 0
+
+
+# Streaming (lsmtl_jax/pipeline.py): a reader thread reads the next blocks'
+# landmark columns, this thread predicts, one writer thread per output file
+# writes. Memory holds a few blocks whatever the number of profiles.
+
+READ_AHEAD = 2  # landmark blocks read ahead of the compute
+# An output block holds every gene (12 times a landmark block on LINCS), so
+# each writer has one queued while it writes another.
+WRITE_BEHIND = 1
+ASSEMBLE_ROWS = 32  # rows per float64 pass over the targets: 3 MB, in cache
+
+
+class BlockPredictor:
+  """A block of the input's landmark columns -> the output blocks (prediction
+  and, with intervals, lower and upper bounds), float32 in the output units.
+
+  The arithmetic is float64 and the cast to float32 comes last, row by row the
+  same whatever the slicing, so the values do not depend on ASSEMBLE_ROWS.
+  """
+
+  def __init__(self, run: inference.Usable, mapper: LandmarkMapper,
+               predictor: inference.Predictor, opts: Options,
+               calibration: intervals_lib.Calibration | None, kinds: list[str]):
+    self.mapper, self.predictor, self.opts = mapper, predictor, opts
+    self.calibration, self.kinds = calibration, kinds
+    self.buffers = pipeline.Buffers()  # the writers hand blocks back here
+    self.num_landmarks = run.num_landmarks
+    self.num_genes = run.num_landmarks + run.num_targets
+    self.lm_scale, self.lm_offset = run.landmark_scale_and_offset()
+    self.tg_scale, self.tg_offset = run.target_scale_and_offset()
+    self.copy_given = (opts.output_units == opts.input_units and not opts.quantile_map
+                       and not mapper.missing)
+    self.model_seconds = 0.0
+
+  def __call__(self, start: int, selected: np.ndarray, sample_ids) -> dict[str, np.ndarray]:
+    opts, L = self.opts, self.num_landmarks
+    expression = opts.output_units == "expression"
+    z = self.mapper(selected, start, sample_ids)
+    t = time.perf_counter()
+    y = self.predictor(z.astype(np.float32))
+    self.model_seconds += time.perf_counter() - t
+    if self.copy_given:  # landmarks exactly as given
+      lm = selected.astype(np.float64)
+    elif expression:
+      lm = z * self.lm_scale + self.lm_offset
+    else:
+      lm = z
+    n, T = len(selected), self.num_genes - L
+    out = {kind: self.buffers.take(kind, n, self.num_genes) for kind in self.kinds}
+    out["prediction"][:, :L] = lm
+    if self.calibration is not None:
+      lm_bounds = np.where(self.mapper.present, lm, np.nan)  # imputed: no interval
+      out["lower"][:, :L] = out["upper"][:, :L] = lm_bounds
+      q = self.calibration.quantile(opts.intervals)
+    # Targets in slices that stay in cache, computed in place: p -+ q, then
+    # * scale + offset in expression units, float64 until the cast on storing
+    # (what calibration.bounds and the expression mapping compute, op for op).
+    parts = [("prediction", None)]
+    if self.calibration is not None:
+      parts += [("lower", np.subtract), ("upper", np.add)]
+    p, tmp = np.empty((ASSEMBLE_ROWS, T)), np.empty((ASSEMBLE_ROWS, T))
+    for s in range(0, n, ASSEMBLE_ROWS):
+      k = min(ASSEMBLE_ROWS, n - s)
+      rows, pk, tk = slice(s, s + k), p[:k], tmp[:k]
+      pk[...] = y[rows]
+      for kind, op in parts:
+        v = pk if op is None else op(pk, q, out=tk)
+        if expression:
+          v = np.multiply(v, self.tg_scale, out=tk)
+          v += self.tg_offset
+        out[kind][rows, L:] = v
+    return out
+
+
+def _stream(blocks: Iterator, compute, paths: dict[str, str], writer, out_format: str,
+            recycle=None) -> dict[str, float]:
+  """pipeline.stream with the outputs written into a folder beside the first
+  (its name carries our pid, so the next run removes it if we are killed) and
+  moved into place only when all are complete: all of them or none."""
+  first = next(iter(paths.values()))
+  for path in paths.values():  # what killed runs of these outputs left goes
+    store.remove_abandoned(path)
+  stage = store.temp_name(first)
+  try:
+    os.mkdir(stage)
+  except OSError as e:
+    raise PredictError(f"{first}: cannot write: {e.strerror or _first_line(e)}") from None
+  try:
+    stages = pipeline.stream(
+        blocks, lambda block: compute(*block),
+        {kind: writer(path, stage) for kind, path in paths.items()},
+        READ_AHEAD, WRITE_BEHIND, recycle)
+    _commit(stage, paths, out_format)
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  return stages
+
+
+def _commit(stage: str, paths: dict[str, str], out_format: str) -> None:
+  """Moves the finished outputs from `stage` into place; if one cannot go,
+  those moved already are removed again."""
+  moved = []
+  for path in paths.values():
+    for name in _files_of(path, out_format):
+      try:
+        os.replace(os.path.join(stage, os.path.basename(name)), name)
+      except OSError as e:
+        for done in moved:
+          _remove(done)
+        raise PredictError(f"{path}: cannot write: {e.strerror or _first_line(e)}") from None
+      moved.append(name)
+  try:
+    os.rmdir(stage)
+  except OSError:  # the outputs are complete; the next run removes an empty stage
+    pass
 
 
 def load(workdir: str = "", model: str = "") -> inference.Usable:
@@ -416,71 +560,38 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     predictor = inference.Predictor(run, opts.batch_size)
     meta = gene_metadata(run, ~mapper.present, opts.threshold, predictor)
     gene_ids = run.landmark_ids + run.target_ids
-    lm_scale, lm_offset = run.landmark_scale_and_offset()
-    tg_scale, tg_offset = run.target_scale_and_offset()
-    copy_given = (opts.output_units == opts.input_units and not opts.quantile_map
-                  and not mapper.missing)
     n = matrix.num_samples
-    # A temporary left by a killed run of the same output goes; ours carries our pid.
-    store.remove_abandoned(output_path)
-    # The bounds of every block wait in temporaries until the prediction is written.
-    stash = {kind: store.temp_name(output_path, f".{kind}.npy") for kind in bound_paths}
-    bounds = {kind: np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                              shape=(n, len(gene_ids)))
-              for kind, tmp in stash.items()}
+    paths = {"prediction": output_path, **bound_paths}
+    col_meta = matrix.column_metadata()
+    compute = BlockPredictor(run, mapper, predictor, opts, calibration, list(paths))
+    chunk = max(1, matrix.row_chunk)
+    step = max(chunk, (opts.block_rows // chunk) * chunk)
 
-    def blocks() -> Iterator[np.ndarray]:
-      chunk = max(1, matrix.row_chunk)
-      step = max(chunk, (opts.block_rows // chunk) * chunk)
-      for start in range(0, n, step):
-        raw = matrix.read_rows(start, min(n, start + step))
-        z = mapper(raw, start, matrix.sample_ids)
-        y = predictor(z.astype(np.float32)).astype(np.float64)
-        if copy_given:  # landmarks exactly as given
-          lm = raw[:, mapper.columns].astype(np.float64)
-        elif opts.output_units == "expression":
-          lm = z * lm_scale + lm_offset
-        else:
-          lm = z
-        if bounds:
-          lm_bounds = np.where(mapper.present, lm, np.nan)  # imputed: no interval
-          for kind, values in zip(("lower", "upper"), calibration.bounds(y, opts.intervals)):
-            if opts.output_units == "expression":
-              values = values * tg_scale + tg_offset
-            bounds[kind][start:start + len(raw)] = np.concatenate([lm_bounds, values], axis=1)
-        if opts.output_units == "expression":
-          y = y * tg_scale + tg_offset
-        yield np.concatenate([lm, y], axis=1).astype(np.float32)
+    def read_blocks() -> Iterator[tuple[int, np.ndarray]]:
+      for start in range(0, n, step):  # only the landmark columns travel on
+        yield start, mapper.select(matrix.read_rows(start, min(n, start + step)))
 
-    def stashed(kind: str) -> Iterator[np.ndarray]:
-      for start in range(0, n, opts.block_rows):
-        yield np.asarray(bounds[kind][start:start + opts.block_rows])
+    def writer(path: str, into: str):
+      return lambda blocks: _write_output(out_format, path, blocks, n, matrix.sample_ids,
+                                          gene_ids, meta, col_meta, into=into)
 
-    written = []
-    try:
-      _write_output(out_format, output_path, blocks(), n, matrix.sample_ids, gene_ids, meta,
-                    matrix.column_metadata())
-      written.append(output_path)
-      for kind, path in bound_paths.items():
-        bounds[kind].flush()
-        _write_output(out_format, path, stashed(kind), n, matrix.sample_ids, gene_ids, meta,
-                      matrix.column_metadata())
-        written.append(path)
-    except BaseException:
-      for path in written:  # all of the outputs or none
-        _remove(path)
-        if out_format == "npy":
-          _remove(path + ".genes.tsv")
-      raise
-    finally:
-      bounds.clear()
-      for tmp in stash.values():
-        _remove(tmp)
+    stages = _stream(read_blocks(), lambda start, selected: compute(start, selected,
+                                                                    matrix.sample_ids),
+                     paths, writer, out_format,
+                     # the text formats keep every block until the end
+                     recycle=compute.buffers.give if out_format in ("gctx", "h5ad", "npy")
+                     else None)
+    stages["model"] = compute.model_seconds
+    read_bytes = n * matrix.num_genes * np.dtype(np.float32).itemsize
+
   well = int(meta["well_inferred"].sum())
   summary = {"profiles": n, "genes": len(gene_ids), "landmarks": run.num_landmarks,
              "targets": run.num_targets, "well_inferred": well,
              "imputed_landmarks": len(mapper.missing), "seconds": time.perf_counter() - t0,
-             "output": output_path, "format": out_format}
+             "output": output_path, "format": out_format, "stages": stages,
+             "read_bytes": read_bytes,
+             "written_bytes": sum(_size(p) for path in paths.values()
+                                  for p in _files_of(path, out_format))}
   if calibration is not None:
     summary.update(intervals=opts.intervals, interval_files=list(bound_paths.values()),
                    calibration={"source": calibration.source,
@@ -517,6 +628,16 @@ def main(argv):
     print(f"predict: {100 * s['intervals']:g}% prediction intervals (from "
           f"{s['calibration']['profiles']} {s['calibration']['source']} profiles) -> "
           f"{', '.join(s['interval_files'])}")
+  st = s["stages"]
+  print(f"predict: streamed in {st['wall']:.1f} s; busy reading {st['read']:.1f} s, computing "
+        f"{st['compute']:.1f} s (model {st['model']:.1f} s), writing {st['write']:.1f} s")
+  if FLAGS.summary_json:
+    try:
+      fileio.write_json(FLAGS.summary_json, s)
+    except OSError as e:
+      print(f"error: --summary_json={FLAGS.summary_json}: cannot write: {e.strerror or e}",
+            file=sys.stderr)
+      sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -546,6 +667,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
   flags.DEFINE_float("intervals", 0.0, "Also write prediction intervals at this coverage "
                      "(e.g. 0.9) to OUT.lower.EXT and OUT.upper.EXT; 0: none.")
+  flags.DEFINE_string("summary_json", "", "Also write the run's summary (counts, files, "
+                      "bytes, busy seconds of each stage) as JSON to this file.")
   flags.mark_flags_as_required(["input", "output"])
   from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=cli.parse_flags)

@@ -4,9 +4,12 @@ through the readers, and fed bad input on the command line."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 
+import h5py
 import jax
 import numpy as np
 import pytest
@@ -268,3 +271,92 @@ def test_csv_output_is_comma_separated(run, val, tmp_path):
   assert "\t" not in (tmp_path / "out.csv").read_text()
   with open(tmp_path / "out.tsv", newline="") as f:
     assert list(csv.reader(f, delimiter="\t")) == rows
+
+
+def _many_profiles(run, val, copies=20):
+  """The val profiles `copies` times over with noise, in log2 units (float32)."""
+  z_lm, _, _ = val
+  rng = np.random.default_rng(3)
+  z = np.concatenate([z_lm + rng.normal(0, 0.1, z_lm.shape) for _ in range(copies)])
+  return _expression(run, z), [f"P{i}" for i in range(len(z))]
+
+
+def test_streamed_outputs_equal_a_sequential_reference(run, val, tmp_path):
+  """Reading, predicting and writing overlap in threads, 60 blocks of 10 rows; the
+  three outputs equal, bit for bit, the plain computation: every row at once,
+  the model, -+ the calibration's half-width, to log2, cast to float32 last."""
+  x, ids = _many_profiles(run, val)
+  inp, out = tmp_path / "in.gctx", tmp_path / "out.gctx"
+  formats.write_gctx(str(inp), x, ids, run.landmark_ids, chunk_rows=5)
+  summary = _predict(run, inp, out, intervals=0.8, block_rows=10, batch_size=8)
+
+  L = run.num_landmarks
+  scale, offset = run.landmark_scale_and_offset()
+  t_scale, t_offset = run.target_scale_and_offset()
+  y = inference.Predictor(run, 8)(((x - offset) / scale).astype(np.float32)).astype(np.float64)
+  q = run.calibration(8).quantile(0.8)
+  expected = {"prediction": y, "lower": y - q, "upper": y + q}
+  paths = {"prediction": str(out), **predict.interval_paths(str(out))}
+  for kind, path in paths.items():
+    with formats.open_matrix(path) as m:
+      got = m.read_rows(0, m.num_samples)
+      assert m.sample_ids == ids
+    np.testing.assert_array_equal(got[:, :L], x)  # measured: as given
+    np.testing.assert_array_equal(got[:, L:],
+                                  (expected[kind] * t_scale + t_offset).astype(np.float32))
+  stages = summary["stages"]
+  assert all(stages[k] > 0 for k in ("wall", "read", "compute", "model", "write"))
+  assert summary["read_bytes"] == x.nbytes
+  assert summary["written_bytes"] == sum(os.path.getsize(p) for p in paths.values())
+  assert sorted(os.listdir(tmp_path)) == ["in.gctx", "out.gctx", "out.lower.gctx",
+                                          "out.upper.gctx"]
+
+
+def test_a_damaged_block_mid_run_leaves_nothing(run, val, tmp_path):
+  """A compressed chunk that no longer inflates, in the fifth block: the reader
+  thread's error is predict's one line, after earlier blocks were written."""
+  x, ids = _many_profiles(run, val)
+  inp = tmp_path / "in.gctx"
+  formats.write_gctx(str(inp), x, ids, run.landmark_ids, chunk_rows=10, compression="gzip")
+  with h5py.File(inp, "r") as f:
+    chunk = f[formats.DATA_NODE].id.get_chunk_info(20)  # rows 200-209
+  with open(inp, "r+b") as f:
+    f.seek(chunk.byte_offset + 2)
+    f.write(bytes(range(256))[:chunk.size - 4])
+  out_dir = tmp_path / "out"
+  out_dir.mkdir()
+  proc = _cli(f"--workdir={run.workdir}", f"--input={inp}", f"--output={out_dir / 'p.gctx'}",
+              "--intervals=0.8", "--block_rows=50", "--batch_size=8")
+  lines = _error_lines(proc.stderr)
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"error: {inp}: cannot read rows 200-250"), lines[0]
+  assert "Traceback" not in proc.stderr
+  assert os.listdir(out_dir) == []  # no output, no temporary
+
+
+def test_an_output_folder_removed_mid_run_is_one_error(run, val, tmp_path, monkeypatch):
+  """The writer threads' error (their files' folder is gone) reaches the caller
+  as predict's one-line error, and no thread is left running."""
+  x, ids = _many_profiles(run, val)
+  inp = tmp_path / "in.gctx"
+  formats.write_gctx(str(inp), x, ids, run.landmark_ids, chunk_rows=10)
+  out_dir = tmp_path / "out"
+  out_dir.mkdir()
+  compute, calls = predict.BlockPredictor.__call__, []
+
+  def remove_on_the_third_block(self, *args):
+    calls.append(1)
+    if len(calls) == 3:
+      shutil.rmtree(out_dir)
+    return compute(self, *args)
+
+  monkeypatch.setattr(predict.BlockPredictor, "__call__", remove_on_the_third_block)
+  threads = threading.active_count()
+  with pytest.raises(predict.PredictError) as e:
+    _predict(run, inp, out_dir / "p.gctx", intervals=0.8, block_rows=20, batch_size=8)
+  message = str(e.value)
+  assert "\n" not in message and " cannot write: " in message, message
+  assert message.startswith(tuple(str(out_dir / n) for n in ("p.gctx", "p.lower.gctx",
+                                                              "p.upper.gctx"))), message
+  assert threading.active_count() == threads
+  assert not out_dir.exists() and sorted(os.listdir(tmp_path)) == ["in.gctx"]
