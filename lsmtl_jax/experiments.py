@@ -598,6 +598,9 @@ def plot_regimes(path: str, rows: dict[str, dict]) -> None:
                   fmt="o-" if reading == "default" else "s--", capsize=3, label=label)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
+    sizes = sorted({g["n_train"] for g in gains if g["dataset"] == dataset})
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes run, not log-scale minor labels
+    ax.minorticks_off()
     ax.set_xlabel("training profiles")
     ax.set_title(dataset)
     ax.legend(fontsize=7)
