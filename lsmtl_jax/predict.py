@@ -373,6 +373,21 @@ def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_i
     raise
 
 
+def _check_space(output_path: str, out_format: str, need: int) -> None:
+  """Refuses before any work when the float32 outputs cannot fit: a disk that
+  fills up under HDF5 makes it fail to close the file, and that can crash the
+  process instead of raising (h5py issues 914 and 1120). The text formats,
+  built in memory, are not estimated."""
+  if out_format not in ("gctx", "h5ad", "npy"):
+    return
+  folder = os.path.dirname(os.path.abspath(output_path))
+  free = shutil.disk_usage(folder).free
+  if need > free:
+    raise PredictError(f"{output_path}: the outputs need about {need / 1e9:.3g} GB and "
+                       f"{folder} has {free / 1e9:.3g} GB free; free some space or write "
+                       "them elsewhere")
+
+
 def _files_of(path: str, out_format: str) -> list[str]:
   """The files of one output: an .npy output has its genes beside it."""
   return [path, path + ".genes.tsv"] if out_format == "npy" else [path]
@@ -562,6 +577,7 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     gene_ids = run.landmark_ids + run.target_ids
     n = matrix.num_samples
     paths = {"prediction": output_path, **bound_paths}
+    _check_space(output_path, out_format, n * len(gene_ids) * 4 * len(paths))
     col_meta = matrix.column_metadata()
     compute = BlockPredictor(run, mapper, predictor, opts, calibration, list(paths))
     chunk = max(1, matrix.row_chunk)

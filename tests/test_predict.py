@@ -360,3 +360,21 @@ def test_an_output_folder_removed_mid_run_is_one_error(run, val, tmp_path, monke
                                                               "p.upper.gctx"))), message
   assert threading.active_count() == threads
   assert not out_dir.exists() and sorted(os.listdir(tmp_path)) == ["in.gctx"]
+
+
+def test_outputs_that_cannot_fit_are_refused_before_any_work(run, val, tmp_path, monkeypatch):
+  """A disk that fills under HDF5 can crash the process at close (h5py #914), so
+  predict compares the outputs' size with the free space first."""
+  x, ids = _many_profiles(run, val, copies=1)
+  inp = tmp_path / "in.gctx"
+  formats.write_gctx(str(inp), x, ids, run.landmark_ids)
+  need = len(ids) * (run.num_landmarks + run.num_targets) * 4 * 3  # three float32 files
+  real = shutil.disk_usage
+  monkeypatch.setattr(shutil, "disk_usage",
+                      lambda p: real(p)._replace(free=need - 1))
+  with pytest.raises(predict.PredictError, match=r"the outputs need about .* GB and .* GB "
+                     "free; free some space or write them elsewhere"):
+    _predict(run, inp, tmp_path / "p.gctx", intervals=0.8)
+  assert sorted(os.listdir(tmp_path)) == ["in.gctx"]
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+  _predict(run, inp, tmp_path / "p.gctx", intervals=0.8)
