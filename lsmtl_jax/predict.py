@@ -183,6 +183,9 @@ class LandmarkMapper:
 # Output files.
 
 
+WRITTEN_FORMATS = ("gctx", "gct", "table", "npy", "h5ad")
+
+
 def _output_format(path: str, opts: Options, input_format: str) -> str:
   if opts.output_format != "auto":
     fmt = opts.output_format
@@ -194,7 +197,11 @@ def _output_format(path: str, opts: Options, input_format: str) -> str:
       fmt = formats.detect_format(path, "--output_format")
     except formats.PrepareError:  # a name that says nothing: write what was read
       fmt = input_format
-  if fmt not in ("gctx", "gct", "table", "npy", "h5ad"):
+      if fmt not in WRITTEN_FORMATS:
+        raise PredictError(f"{path}: the output's name gives no format and {fmt} files are "
+                           "read, not written; name it .gctx, .h5ad, .gct, .csv, .tsv or "
+                           ".npy") from None
+  if fmt not in WRITTEN_FORMATS:
     raise PredictError(f"{path}: unknown output format {fmt!r} (gctx, gct, table, npy, h5ad)")
   return fmt
 

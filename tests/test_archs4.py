@@ -220,3 +220,13 @@ def test_prepare_refuses_bad_counts_and_writes_nothing(tmp_path):
     prepare_lib.prepare(cfg, log=lambda _: None)
   assert not [p for p in os.listdir(tmp_path) if p.startswith(("out", ".out"))]
   assert archs4.looks_like(path) and not archs4.looks_like(str(tmp_path / "absent.h5"))
+
+
+def test_predict_output_named_without_a_format_from_archs4_input_is_refused():
+  from lsmtl_jax import predict
+  opts = predict.Options()
+  with pytest.raises(predict.PredictError, match=r"^out: the output's name gives no format and "
+                     r"archs4 files are read, not written; name it \.gctx"):
+    predict._output_format("out", opts, "archs4")
+  assert predict._output_format("out.gctx", opts, "archs4") == "gctx"
+  assert predict._output_format("out", opts, "gct") == "gct"  # the input's format, as before
