@@ -630,6 +630,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
+  pipeline.fixed_mmap_threshold()  # peak RSS stays flat however many profiles stream
   opts = Options(input_units=FLAGS.input_units, output_units=FLAGS.output_units,
                  quantile_map=FLAGS.quantile_map, impute_missing=FLAGS.impute_missing,
                  check_units=FLAGS.check_units, threshold=FLAGS.threshold,

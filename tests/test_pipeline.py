@@ -2,11 +2,18 @@
 errors (the same exception object, in the caller's thread), stopping, and
 when a written item may be reused; no timing."""
 
+import os
+import platform
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
 
 from lsmtl_jax import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Boom(Exception):
@@ -94,3 +101,34 @@ def test_abort_stops_consume_inside_so_it_can_clean_up():
   writer.put(1)
   writer.abort()
   assert cleaned.is_set() and writer.error is None
+
+
+_MAPPED_BYTES = textwrap.dedent("""
+    import ctypes, ctypes.util, sys
+    import numpy as np
+    from lsmtl_jax import pipeline
+    class Info(ctypes.Structure):  # glibc's struct mallinfo2
+      _fields_ = [(n, ctypes.c_size_t) for n in (
+          "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost").split()]
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = Info
+    if sys.argv[1] == "fixed":
+      assert pipeline.fixed_mmap_threshold()
+    a = np.ones(8 << 20, np.uint8); del a  # freeing 8 MB raises glibc's dynamic threshold
+    before = libc.mallinfo2().hblkhd
+    b = np.ones(4 << 20, np.uint8)
+    print(libc.mallinfo2().hblkhd - before)
+    """)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_fixed_mmap_threshold_keeps_large_blocks_out_of_the_heap():
+  # After a large free, glibc serves a 4 MB block from its heap (kept when freed:
+  # peak RSS grew with the profiles predict streamed); with the fixed threshold the
+  # block is its own mapping, returned to the system when freed.
+  def mapped(mode):
+    proc = subprocess.run([sys.executable, "-c", _MAPPED_BYTES, mode], capture_output=True,
+                          text=True, cwd=REPO, check=True)
+    return int(proc.stdout.strip())
+  assert mapped("dynamic") == 0
+  assert mapped("fixed") >= 4 << 20
