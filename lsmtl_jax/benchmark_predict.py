@@ -60,27 +60,33 @@ WRITE_ROWS = 1000  # rows per generated block: cmapPy's chunk height
 HOST_WORK = "host work (standardize, bounds, float32)"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Where the input, model, outputs and report go.")
-flags.DEFINE_integer("profiles", 100_000, "Profiles in the generated input.")
-flags.DEFINE_integer("small_profiles", 0, "Profiles of the second, smaller run that shows "
-                     "whether peak RSS grows with the input (0: a tenth, at least four "
-                     "blocks so the pipeline fills, at most half).")
-flags.DEFINE_string("input", "", "Reuse this LINCS-shaped GCTx instead of generating one.")
-flags.DEFINE_string("model", "", "Predict with this model file instead of training one.")
-flags.DEFINE_integer("genes", LINCS_GENES, "Genes (rows) of the generated input.")
-flags.DEFINE_integer("landmarks", LINCS_LANDMARKS, "Landmarks of the trained model.")
-flags.DEFINE_string("train_config", "configs/demo.py", "Config of the trained model.")
-flags.DEFINE_integer("hidden", 0, "Width of the trained model (0: the config's).")
-flags.DEFINE_integer("train_steps", 4, "Training steps of the trained model.")
-flags.DEFINE_integer("train_samples", 600, "Synthetic profiles it trains on.")
-flags.DEFINE_float("intervals", 0.9, "Coverage of the prediction intervals written.")
-flags.DEFINE_integer("block_rows", 4096, "predict --block_rows.")
-flags.DEFINE_integer("batch_size", 1024, "predict --batch_size.")
-flags.DEFINE_float("gpu_peak_tflops", 67.0, "The GPU's float32 peak (H100 SXM: 67 TFLOP/s "
-                   "without tensor cores).")
-flags.DEFINE_float("gpu_fraction", 0.5, "Fraction of that peak assumed for the model.")
-flags.DEFINE_bool("keep_outputs", True, "Keep the large run's outputs (3 GCTx files).")
-flags.DEFINE_string("json", "", "Also write the report as JSON to this file.")
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs, not on import: experiments and
+  predict define --workdir, --input and --model too, and tests import them all
+  into one process."""
+  flags.DEFINE_string("workdir", None, "Where the input, model, outputs and report go.")
+  flags.DEFINE_integer("profiles", 100_000, "Profiles in the generated input.")
+  flags.DEFINE_integer("small_profiles", 0, "Profiles of the second, smaller run that shows "
+                       "whether peak RSS grows with the input (0: a tenth, at least four "
+                       "blocks so the pipeline fills, at most half).")
+  flags.DEFINE_string("input", "", "Reuse this LINCS-shaped GCTx instead of generating one.")
+  flags.DEFINE_string("model", "", "Predict with this model file instead of training one.")
+  flags.DEFINE_integer("genes", LINCS_GENES, "Genes (rows) of the generated input.")
+  flags.DEFINE_integer("landmarks", LINCS_LANDMARKS, "Landmarks of the trained model.")
+  flags.DEFINE_string("train_config", "configs/demo.py", "Config of the trained model.")
+  flags.DEFINE_integer("hidden", 0, "Width of the trained model (0: the config's).")
+  flags.DEFINE_integer("train_steps", 4, "Training steps of the trained model.")
+  flags.DEFINE_integer("train_samples", 600, "Synthetic profiles it trains on.")
+  flags.DEFINE_float("intervals", 0.9, "Coverage of the prediction intervals written.")
+  flags.DEFINE_integer("block_rows", 4096, "predict --block_rows.")
+  flags.DEFINE_integer("batch_size", 1024, "predict --batch_size.")
+  flags.DEFINE_float("gpu_peak_tflops", 67.0, "The GPU's float32 peak (H100 SXM: 67 TFLOP/s "
+                     "without tensor cores).")
+  flags.DEFINE_float("gpu_fraction", 0.5, "Fraction of that peak assumed for the model.")
+  flags.DEFINE_bool("keep_outputs", True, "Keep the large run's outputs (3 GCTx files).")
+  flags.DEFINE_string("json", "", "Also write the report as JSON to this file.")
 
 
 class BenchmarkError(ValueError):
@@ -477,6 +483,7 @@ def measure(workdir: str) -> dict:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=cli.parse_flags)
