@@ -82,12 +82,7 @@ class Archs4Matrix(matrix.Matrix):
   def __init__(self, path: str, gene_id_field: str = "symbol", strip_versions: bool = True,
                cpm: bool = False):
     self.path, self.cpm = path, cpm
-    if not os.path.isfile(path):
-      raise PrepareError(f"{path}: no such file")
-    try:
-      self._file = h5py.File(path, "r", rdcc_nbytes=64 << 20)
-    except OSError as e:
-      raise PrepareError(f"{path}: not a readable HDF5 file: {matrix.first_line(e)}") from None
+    self._file = matrix.open_hdf5(path)
     try:
       self._open(gene_id_field or "symbol", strip_versions)
     except PrepareError:

@@ -78,14 +78,7 @@ class GctxMatrix(Matrix):
 
   def __init__(self, path: str):
     self.path = path
-    if not os.path.isfile(path):
-      raise PrepareError(f"{path}: no such file")
-    try:
-      # A 64 MB chunk cache so that a block of rows decompresses each chunk once.
-      self._file = h5py.File(path, "r", rdcc_nbytes=64 << 20)
-    except OSError as e:
-      raise PrepareError(f"{path}: not a readable HDF5 file (truncated or not GCTx?): "
-                         f"{_first_line(e)}") from None
+    self._file = matrix.open_hdf5(path, "truncated or not GCTx?")
     try:
       for node in (DATA_NODE, ROW_ID_NODE, COL_ID_NODE):
         if node not in self._file:

@@ -80,13 +80,7 @@ class H5adMatrix(matrix.Matrix):
 
   def __init__(self, path: str, gene_id_field: str = "", strip_versions: bool = True):
     self.path = path
-    if not os.path.isfile(path):
-      raise PrepareError(f"{path}: no such file")
-    try:
-      self._file = h5py.File(path, "r", rdcc_nbytes=64 << 20)
-    except OSError as e:
-      raise PrepareError(f"{path}: not a readable HDF5 file (truncated, or not .h5ad?): "
-                         f"{matrix.first_line(e)}") from None
+    self._file = matrix.open_hdf5(path, "truncated, or not .h5ad?")
     try:
       self._open(gene_id_field, strip_versions)
     except PrepareError:

@@ -6,9 +6,11 @@ archs4.py, h5ad.py) build on it; it imports none of them.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Sequence
 
+import h5py
 import numpy as np
 
 # CMap's missing value for numeric metadata (cmapPy's parse turns it into NaN).
@@ -93,3 +95,16 @@ class Matrix:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def open_hdf5(path: str, hint: str = "") -> h5py.File:
+  """The file read-only, or PrepareError naming it (`hint`: what a reader of
+  that format suspects, e.g. "truncated or not GCTx?")."""
+  if not os.path.isfile(path):
+    raise PrepareError(f"{path}: no such file")
+  try:
+    # A 64 MB chunk cache so that a block of rows decompresses each chunk once.
+    return h5py.File(path, "r", rdcc_nbytes=64 << 20)
+  except OSError as e:
+    hint = f" ({hint})" if hint else ""
+    raise PrepareError(f"{path}: not a readable HDF5 file{hint}: {first_line(e)}") from None
