@@ -275,6 +275,7 @@ class Buffers:
   def __init__(self):
     self._free: dict[str, list[np.ndarray]] = {}
     self._lock = threading.Lock()
+    self.allocated: dict[str, int] = {}  # arrays made per name: the memory the stream holds
 
   def take(self, name: str, rows: int, cols: int, dtype=np.float32) -> np.ndarray:
     """A [rows, cols] array, reused where one is free (its contents undefined)."""
@@ -283,6 +284,7 @@ class Buffers:
       for i, buf in enumerate(free):
         if buf.shape[0] >= rows and buf.shape[1] == cols and buf.dtype == dtype:
           return free.pop(i)[:rows]
+      self.allocated[name] = self.allocated.get(name, 0) + 1
     return np.empty((rows, cols), dtype)[:rows]
 
   def give(self, name: str, block: np.ndarray) -> None:

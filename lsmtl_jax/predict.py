@@ -353,14 +353,7 @@ def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_i
                       var={f: meta[f].astype(bool) if f in flags else meta[f]
                            for f in ROW_META_FIELDS})
     elif out_format == "npy":
-      values = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                         shape=(n, len(gene_ids)))
-      start = 0
-      for block in blocks:
-        values[start:start + len(block)] = block
-        start += len(block)
-      values.flush()
-      del values
+      _write_npy(tmp, blocks, n, len(gene_ids), path)
       write_genes_sidecar(tmp + ".genes", gene_ids, meta)
       os.replace(tmp + ".genes", target + ".genes.tsv")
       os.replace(tmp, target)
@@ -378,6 +371,21 @@ def _write_output(out_format: str, path: str, blocks, n: int, sample_ids, gene_i
     if isinstance(e, OSError):
       raise PredictError(f"{path}: cannot write: {e.strerror or _first_line(e)}") from None
     raise
+
+
+def _write_npy(tmp: str, blocks, n: int, g: int, path: str) -> None:
+  """An .npy file written block after block with plain writes: a memmap of it
+  would count every page written in the process's RSS (9.5 GB at 65,536
+  LINCS-shaped profiles with intervals, measured)."""
+  with open(tmp, "wb") as f:
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
+        np.dtype("<f4")), "fortran_order": False, "shape": (n, g)})
+    rows = 0
+    for block in blocks:
+      f.write(np.ascontiguousarray(block, "<f4").data)
+      rows += len(block)
+  if rows != n:
+    raise ValueError(f"{path}: wrote {rows} rows, expected {n}")
 
 
 def _check_space(output_path: str, out_format: str, need: int) -> None:
@@ -415,6 +423,7 @@ READ_AHEAD = 2  # landmark blocks read ahead of the compute
 # An output block holds every gene (12 times a landmark block on LINCS), so
 # each writer has one queued while it writes another.
 WRITE_BEHIND = 1
+READ_PIECE_BYTES = 32 << 20  # input rows read at once (all their genes), about
 ASSEMBLE_ROWS = 32  # rows per float64 pass over the targets: 3 MB, in cache
 
 
@@ -444,9 +453,6 @@ class BlockPredictor:
     opts, L = self.opts, self.num_landmarks
     expression = opts.output_units == "expression"
     z = self.mapper(selected, start, sample_ids)
-    t = time.perf_counter()
-    y = self.predictor(z.astype(np.float32))
-    self.model_seconds += time.perf_counter() - t
     if self.copy_given:  # landmarks exactly as given
       lm = selected.astype(np.float64)
     elif expression:
@@ -466,17 +472,25 @@ class BlockPredictor:
     parts = [("prediction", None)]
     if self.calibration is not None:
       parts += [("lower", np.subtract), ("upper", np.add)]
+    # One model batch at a time: its [batch, targets] output is all the block
+    # holds besides the output blocks (a whole block's would be 186 MB more on
+    # LINCS, made and freed every block).
     p, tmp = np.empty((ASSEMBLE_ROWS, T)), np.empty((ASSEMBLE_ROWS, T))
-    for s in range(0, n, ASSEMBLE_ROWS):
-      k = min(ASSEMBLE_ROWS, n - s)
-      rows, pk, tk = slice(s, s + k), p[:k], tmp[:k]
-      pk[...] = y[rows]
-      for kind, op in parts:
-        v = pk if op is None else op(pk, q, out=tk)
-        if expression:
-          v = np.multiply(v, self.tg_scale, out=tk)
-          v += self.tg_offset
-        out[kind][rows, L:] = v
+    z32, b = z.astype(np.float32), self.predictor.batch_size
+    for first in range(0, n, b):
+      t = time.perf_counter()
+      y = self.predictor(z32[first:first + b])
+      self.model_seconds += time.perf_counter() - t
+      for s in range(0, len(y), ASSEMBLE_ROWS):
+        k = min(ASSEMBLE_ROWS, len(y) - s)
+        rows, pk, tk = slice(first + s, first + s + k), p[:k], tmp[:k]
+        pk[...] = y[s:s + k]
+        for kind, op in parts:
+          v = pk if op is None else op(pk, q, out=tk)
+          if expression:
+            v = np.multiply(v, self.tg_scale, out=tk)
+            v += self.tg_offset
+          out[kind][rows, L:] = v
     return out
 
 
@@ -590,9 +604,16 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     chunk = max(1, matrix.row_chunk)
     step = max(chunk, (opts.block_rows // chunk) * chunk)
 
+    # Whole rows are read (a row's genes are contiguous on disk) in pieces of
+    # whole storage chunks of about READ_PIECE_BYTES, so the rows of all the
+    # genes never sit in memory at once; only the landmark columns travel on.
+    piece = max(chunk, READ_PIECE_BYTES // (4 * matrix.num_genes) // chunk * chunk)
+
     def read_blocks() -> Iterator[tuple[int, np.ndarray]]:
-      for start in range(0, n, step):  # only the landmark columns travel on
-        yield start, mapper.select(matrix.read_rows(start, min(n, start + step)))
+      for start in range(0, n, step):
+        stop = min(n, start + step)
+        yield start, np.concatenate([mapper.select(matrix.read_rows(i, min(stop, i + piece)))
+                                     for i in range(start, stop, piece)])
 
     def writer(path: str, into: str):
       return lambda blocks: _write_output(out_format, path, blocks, n, matrix.sample_ids,
@@ -605,6 +626,7 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
                      recycle=compute.buffers.give if out_format in ("gctx", "h5ad", "npy")
                      else None)
     stages["model"] = compute.model_seconds
+    stages["buffers"] = dict(compute.buffers.allocated)
     read_bytes = n * matrix.num_genes * np.dtype(np.float32).itemsize
 
   well = int(meta["well_inferred"].sum())

@@ -132,3 +132,28 @@ def test_fixed_mmap_threshold_keeps_large_blocks_out_of_the_heap():
     return int(proc.stdout.strip())
   assert mapped("dynamic") == 0
   assert mapped("fixed") >= 4 << 20
+
+
+@pytest.mark.parametrize("write_behind", [1, 2])
+def test_a_slow_writer_holds_at_most_write_behind_plus_two_blocks(write_behind):
+  # The memory a stream holds: blocks taken from Buffers come back once written,
+  # so however many blocks stream, at most write_behind queued + one being
+  # written + one being computed are ever made (predict's peak RSS bound).
+  import time  # pylint: disable=g-import-not-at-top
+  buffers = pipeline.Buffers()
+  written = []
+
+  def consume(items):
+    for block in items:
+      time.sleep(0.002)  # slower than the compute: the queue stays full
+      written.append(int(block[0, 0]))
+
+  def compute(i):
+    out = buffers.take("out", 4, 3)
+    out[...] = i
+    return {"out": out}
+
+  pipeline.stream(range(60), compute, {"out": consume}, read_ahead=2,
+                  write_behind=write_behind, recycle=buffers.give)
+  assert written == list(range(60))
+  assert buffers.allocated == {"out": write_behind + 2}

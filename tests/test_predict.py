@@ -281,10 +281,14 @@ def _many_profiles(run, val, copies=20):
   return _expression(run, z), [f"P{i}" for i in range(len(z))]
 
 
-def test_streamed_outputs_equal_a_sequential_reference(run, val, tmp_path):
-  """Reading, predicting and writing overlap in threads, 60 blocks of 10 rows; the
-  three outputs equal, bit for bit, the plain computation: every row at once,
-  the model, -+ the calibration's half-width, to log2, cast to float32 last."""
+@pytest.mark.parametrize("piece_bytes", [predict.READ_PIECE_BYTES, 1])
+def test_streamed_outputs_equal_a_sequential_reference(run, val, tmp_path, monkeypatch,
+                                                       piece_bytes):
+  """Reading, predicting and writing overlap in threads, 60 blocks of 10 rows
+  (read whole, or as two pieces of one 5-row storage chunk each); the three
+  outputs equal, bit for bit, the plain computation: every row at once, the
+  model, -+ the calibration's half-width, to log2, cast to float32 last."""
+  monkeypatch.setattr(predict, "READ_PIECE_BYTES", piece_bytes)
   x, ids = _many_profiles(run, val)
   inp, out = tmp_path / "in.gctx", tmp_path / "out.gctx"
   formats.write_gctx(str(inp), x, ids, run.landmark_ids, chunk_rows=5)
@@ -306,6 +310,9 @@ def test_streamed_outputs_equal_a_sequential_reference(run, val, tmp_path):
                                   (expected[kind] * t_scale + t_offset).astype(np.float32))
   stages = summary["stages"]
   assert all(stages[k] > 0 for k in ("wall", "read", "compute", "model", "write"))
+  # Output blocks are reused once written: a few per output, not one per block.
+  assert set(stages["buffers"]) == set(paths)
+  assert all(1 <= c <= predict.WRITE_BEHIND + 2 for c in stages["buffers"].values())
   assert summary["read_bytes"] == x.nbytes
   assert summary["written_bytes"] == sum(os.path.getsize(p) for p in paths.values())
   assert sorted(os.listdir(tmp_path)) == ["in.gctx", "out.gctx", "out.lower.gctx",
