@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from absl import app
@@ -112,12 +113,52 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+RSS_POLL_S = 0.1
+
+
+def _rss_bytes(pid: int) -> int | None:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) * 1024
+  except OSError:  # not Linux, or the child has ended
+    pass
+  return None
+
+
+def _sample_rss(pid: int, done: threading.Event, samples: list) -> None:
+  t0 = time.perf_counter()
+  while not done.wait(RSS_POLL_S):
+    rss = _rss_bytes(pid)
+    if rss is not None:
+      samples.append((time.perf_counter() - t0, rss))
+
+
+def rss_by_quarter(samples: list[tuple[float, int]], wall: float) -> list[int | None]:
+  """The highest sampled RSS in each quarter of the run's wall time: flat
+  after the first once the stream's buffers are all made, rising if memory
+  grows with the profiles streamed."""
+  peaks: list[int | None] = [None] * 4
+  for t, rss in samples:
+    q = min(3, int(4 * t / max(wall, 1e-9)))
+    peaks[q] = rss if peaks[q] is None else max(peaks[q], rss)
+  return peaks
+
+
 def _child(cmd: list[str], log_path: str) -> dict:
-  """Runs `cmd`; its wall and CPU seconds and its own peak RSS (wait4)."""
+  """Runs `cmd`; its wall and CPU seconds, its own peak RSS (wait4) and the
+  peak of its RSS sampled in each quarter of its wall time."""
   t = time.perf_counter()
+  samples: list[tuple[float, int]] = []
+  done = threading.Event()
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    sampler = threading.Thread(target=_sample_rss, args=(proc.pid, done, samples), daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
   proc.returncode = os.waitstatus_to_exitcode(status)
   wall = time.perf_counter() - t
   if proc.returncode != 0:
@@ -127,7 +168,10 @@ def _child(cmd: list[str], log_path: str) -> dict:
     raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode}; whole output "
                        f"in {log_path}): {last}")
   return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-          "peak_rss_bytes": usage.ru_maxrss * 1024}
+          # The kernel's high-water mark lags the live count a little (per-thread
+          # counters are folded in now and then), so a sample can top it.
+          "peak_rss_bytes": max([usage.ru_maxrss * 1024, *(rss for _, rss in samples)]),
+          "rss_by_quarter_bytes": rss_by_quarter(samples, wall)}
 
 
 # The model.
@@ -347,6 +391,10 @@ def analyse(small: dict, large: dict, flops: int, alone: dict) -> dict:
       "cpu_s": large["cpu_s"],
       "peak_rss_bytes": {str(ns): small["peak_rss_bytes"], str(nl): large["peak_rss_bytes"]},
       "rss_growth_bytes_per_profile": growth,
+      "rss_by_quarter_bytes": {str(ns): small["rss_by_quarter_bytes"],
+                               str(nl): large["rss_by_quarter_bytes"]},
+      "stream_buffers": {str(ns): small["summary"]["stages"].get("buffers"),
+                         str(nl): s["stages"].get("buffers")},
       "output_bytes_per_profile": s["written_bytes"] / n,
       "read_bytes": s["read_bytes"], "written_bytes": s["written_bytes"],
       "read_mb_per_s": read_rate / 1e6, "write_mb_per_s": write_rate / 1e6,
@@ -396,6 +444,14 @@ def format_report(r: dict) -> str:
        f"{r['waited_s']['compute_for_read']:.1f} / {r['waited_s']['compute_for_write']:.1f} s"),
       ("peak RSS by profiles", ", ".join(f"{int(k):,}: {rss[k] / 2**20:,.0f} MiB"
                                          for k in sizes)),
+      ("peak RSS in each quarter of the run, by profiles",
+       "; ".join(f"{int(k):,}: " + " / ".join("-" if v is None else f"{v / 2**20:,.0f}"
+                                             for v in r["rss_by_quarter_bytes"][k]) + " MiB"
+                 for k in sizes)),
+      ("output blocks made (reused after)",
+       "; ".join(f"{int(k):,}: " + ", ".join(f"{n} {c}" for n, c in
+                                            (r["stream_buffers"][k] or {}).items())
+                 for k in sizes)),
       ("RSS growth per profile (output per profile)",
        f"{_num(r['rss_growth_bytes_per_profile'])} B ({r['output_bytes_per_profile']:,.0f} B)"),
       ("read: bytes, MB/s in the run (alone)",

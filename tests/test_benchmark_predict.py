@@ -64,6 +64,14 @@ def test_the_report_has_every_field(bench):
   assert r["rss_growth_bytes_per_profile"] == pytest.approx(
       (r["peak_rss_bytes"][str(PROFILES)] - r["peak_rss_bytes"][str(SMALL)])
       / (PROFILES - SMALL))
+  for size in (SMALL, PROFILES):  # sampled every 0.1 s: no more than the true peak
+    quarters = r["rss_by_quarter_bytes"][str(size)]
+    assert len(quarters) == 4
+    assert all(q is None or 0 < q <= r["peak_rss_bytes"][str(size)] for q in quarters)
+    assert max(q or 0 for q in quarters) > 50 * 2**20  # JAX loaded by then
+    buffers = r["stream_buffers"][str(size)]
+    assert set(buffers) == {"prediction", "lower", "upper"}
+    assert all(1 <= c <= predict.WRITE_BEHIND + 2 for c in buffers.values())
   # Bytes: the float32 values read, and the three files on disk.
   assert r["read_bytes"] == PROFILES * GENES * 4
   outputs = [r["output"], *predict.interval_paths(r["output"]).values()]
@@ -111,6 +119,12 @@ def test_the_prediction_equals_predict_run_directly(bench, tmp_path):
   for mine, theirs in zip([r["output"], *predict.interval_paths(r["output"]).values()],
                           [direct, *predict.interval_paths(direct).values()]):
     np.testing.assert_array_equal(_read(mine), _read(theirs))
+
+
+def test_rss_by_quarter_takes_the_highest_sample_in_each_quarter():
+  samples = [(0.5, 10), (1.0, 30), (2.4, 20), (2.6, 50), (3.9, 40), (4.2, 60)]
+  assert benchmark_predict.rss_by_quarter(samples, 4.0) == [10, 30, 50, 60]
+  assert benchmark_predict.rss_by_quarter([(0.1, 5)], 4.0) == [5, None, None, None]
 
 
 def test_a_given_model_and_input_are_reused(bench, tmp_path):
