@@ -9,6 +9,7 @@ one being written, and remove it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -122,3 +123,21 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: BaseException) -> OSError | None:
+  """The 'no space left' (or quota) error behind `error`, if one is: libraries
+  that write checkpoints and logs wrap it in their own exceptions, or only
+  keep its message."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _FULL:
+      return error
+    if any(os.strerror(code) in str(error) for code in _FULL):
+      return error if isinstance(error, OSError) else OSError(errno.ENOSPC, str(error))
+    error = error.__cause__ or error.__context__
+  return None

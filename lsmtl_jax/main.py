@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from lsmtl_jax import cli
+from lsmtl_jax import fileio
 from lsmtl_jax import parallel
 from lsmtl_jax import train
 from lsmtl_jax.checkpoints import CheckpointError
@@ -67,7 +68,12 @@ def main(argv):
     _exit(1, f"error: {e}")
   except train.Preempted as e:
     _exit(128 + signal.SIGTERM, f"preempted: {e}")
-  except BaseException:  # pylint: disable=broad-except
+  except BaseException as e:  # pylint: disable=broad-except
+    full = fileio.disk_full(e)
+    if full is not None:  # finished checkpoints are intact: the same command resumes
+      where = full.filename or FLAGS.workdir
+      _exit(1, f"error: {where}: no space left on device; free some and run the same "
+            "command again (it resumes from the last checkpoint)")
     if jax.process_count() == 1:
       raise
     traceback.print_exc()

@@ -144,6 +144,50 @@ def test_main_refuses_a_workdir_of_another_config(env, tmp_path):
   assert _checksums([workdir]) == before  # config.json included
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_training_onto_a_full_disk_is_one_line_and_the_same_command_resumes(env, tmp_path):
+  # /dev/full fails every write with ENOSPC, as a full disk does: the metrics
+  # file pointed at it makes training meet a real "no space left" mid-run.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").symlink_to("/dev/full")
+  args = ("--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.cache_dir={env['cache']}", "--config.train.num_steps=8")
+  proc = _run("lsmtl_jax.main", *args)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert errors == [f"error: {workdir}: no space left on device; free some and run the "
+                    "same command again (it resumes from the last checkpoint)"]
+  assert "Traceback" not in proc.stderr
+  (workdir / "metrics.jsonl").unlink()  # space freed
+  proc = _run("lsmtl_jax.main", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((workdir / "results.json").read_text())
+
+
+def test_disk_full_is_found_behind_the_wrappers_libraries_add():
+  from lsmtl_jax import fileio  # pylint: disable=g-import-not-at-top
+  try:
+    with open("/dev/full" if os.path.exists("/dev/full") else os.devnull, "w") as f:
+      f.write("x")
+  except OSError as e:
+    real = e
+  else:  # no /dev/full: the error the kernel would give
+    real = OSError(28, os.strerror(28))
+  assert fileio.disk_full(real) is real
+  try:
+    try:
+      raise real
+    except OSError as e:
+      raise RuntimeError("checkpoint save failed") from e
+  except RuntimeError as wrapped:
+    assert fileio.disk_full(wrapped) is real
+  only_message = ValueError(f"write failed: [Errno 28] {os.strerror(28)}")
+  assert fileio.disk_full(only_message).errno == 28
+  assert fileio.disk_full(OSError(13, os.strerror(13))) is None
+  assert fileio.disk_full(ValueError("bad value")) is None
+
+
 def _prepare_flags(cfg):
   return ["--config=configs/prepare/default.py", f"--config.input.path={cfg.input.path}",
           f"--config.input.format={cfg.input.format}", f"--config.output={cfg.output}",
