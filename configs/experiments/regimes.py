@@ -17,8 +17,8 @@ test once per seed (lsmtl_jax/tuning.py). Other readings of the loss (docs/metho
 one width on the GEO-shaped compendium and are paired with the lam = 0 arm of
 the same reading (LSR head initialisation changes both arms) or of the
 default reading (none by default: add them with --config.study.readings).
-144 runs; their own times add up to about 2.5 hours on a loaded 2-core machine
-(about 75 min at --jobs=2).
+144 runs: 44 min from a clean workdir at --jobs=2 on 2 CPU cores (measured,
+data generation and preparation included).
 
 Outputs: regimes.png (gain vs training profiles, one curve per width, seed
 error bars), regimes.md / regimes.json (every cell, chosen settings, per-seed
