@@ -301,3 +301,38 @@ def test_loaders_surface_a_damaged_read_as_one_dataset_error(tmp_path):
       pass
   with pytest.raises(store.DatasetError, match=r"44 row\(s\) cannot be read \(rows 256-299\)"):
     list(loader.eval_batches(ds, np.arange(600), 100))  # the batch of rows 200-299
+
+
+def test_a_cache_another_run_fills_first_is_used(tmp_path, monkeypatch):
+  # Runs started side by side on an empty cache each generate the dataset; the
+  # one that finds it written when its own write is refused opens that one.
+  real_generate = synthetic.generate
+
+  def another_run_finishes_first(spec, path):
+    real_generate(spec, path)  # the other run
+    return real_generate(spec, path)  # ours: refused, the dataset now exists
+
+  monkeypatch.setattr(synthetic, "generate", another_run_finishes_first)
+  ds = synthetic.cached(TINY_SPEC, str(tmp_path))
+  expected = real_generate(TINY_SPEC, str(tmp_path / "reference"))
+  np.testing.assert_array_equal(ds.read_rows(np.arange(ds.num_samples)),
+                                expected.read_rows(np.arange(expected.num_samples)))
+  assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+
+
+def test_two_processes_filling_an_empty_cache_both_succeed(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  code = ("import sys, dataclasses; from lsmtl_jax.data import synthetic; "
+          "from conftest import TINY_SPEC; "
+          "ds = synthetic.cached(dataclasses.replace(TINY_SPEC, num_samples=3000), sys.argv[1]); "
+          "print(ds.num_samples)")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+  assert [o.strip() for o, _ in outs] == ["3000", "3000"]
+  assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []

@@ -222,4 +222,12 @@ def cached(spec: SyntheticSpec, cache_dir: str) -> store.Dataset:
   path = os.path.join(os.path.expanduser(cache_dir), name)
   if os.path.exists(os.path.join(path, store.META_NAME)):
     return store.open_dataset(path)
-  return generate(spec, path)
+  try:
+    return generate(spec, path)
+  except (OSError, store.DatasetError):
+    # Runs started side by side on an empty cache all generate it; the first
+    # rename wins and the data is the same (a function of the spec), so the
+    # others use that one.
+    if os.path.exists(os.path.join(path, store.META_NAME)):
+      return store.open_dataset(path)
+    raise
