@@ -26,9 +26,15 @@ def get_config() -> ml_collections.ConfigDict:
       enabled=False, num_samples=8000, num_landmarks=943, num_targets=9520,
       num_programs=24, num_modules=120, num_tissues=12, seed=0))
   config.data.cache_dir = "~/.cache/lsmtl_jax"
-  config.data.prefetch = 4
-  # Read the whole training dataset into RAM once (when it fits) instead of
-  # reading each batch's rows from the store.
+  config.data.prefetch = 4  # batches read ahead by the host loader (placement 'host')
+  # Where training batches come from (lsmtl_jax/resident.py): 'host' reads each
+  # batch's rows from the store on a background thread; 'device' puts the
+  # training rows on the devices once (split over mesh 'data') and gathers each
+  # batch there; 'auto' is 'device' when that matrix fits 25 % of a device's
+  # memory. The batches, and so the results, are the same either way.
+  config.data.placement = "auto"
+  # Read the whole dataset into host RAM once (when it fits) instead of reading
+  # each batch's rows from the store: the host path and evaluation read from it.
   config.data.in_memory = False
   # Cross-platform setting: validate / test on other prepared datasets (whole
   # dataset splits), e.g. 1000G and GTEx mapped onto the GEO reference.

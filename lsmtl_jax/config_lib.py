@@ -102,6 +102,7 @@ _CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "warmup_cosine"),
     "train.nonfinite": ("stop", "skip"),
+    "data.placement": ("auto", "host", "device"),
 }
 
 

@@ -91,20 +91,27 @@ def _plan(network: build.Network) -> int | None:
 
 
 def check_memory(network: build.Network,
-                 plan: Callable[[build.Network], int | None] = _plan) -> dict:
+                 plan: Callable[[build.Network], int | None] = _plan,
+                 resident_bytes: int = 0) -> dict:
   """Raises MemoryGuardError, naming the size needed, when the estimate exceeds
   the memory available; returns the estimate otherwise.
 
+  `resident_bytes`: what one device holds besides the step (the training
+  matrix under data.placement='device'), added to either estimate.
   The arithmetic is within ~35 % of XLA's plan, so only a run within a factor 2
   of the limit pays for that extra compile, and then the plan decides.
   """
   config = network.config
   estimate = estimate_training_bytes(network)
   limit = device_memory_bytes(config)
-  if 2 * estimate["bytes"] > limit:
+  if 2 * (estimate["bytes"] + resident_bytes) > limit:
     planned = plan(network)
     if planned is not None:
       estimate["bytes"] = int(planned)
+  estimate["bytes"] += int(resident_bytes)
+  if resident_bytes:
+    estimate["note"] += (f"; {resident_bytes / 2**30:.2f} GiB of it the training matrix "
+                         "held on the device (data.placement='device')")
   if estimate["bytes"] > limit:
     raise MemoryGuardError(
         f"out of memory: {network.method.label} needs about {estimate['bytes'] / 2**30:.2f} GiB "

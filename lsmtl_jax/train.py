@@ -36,6 +36,7 @@ from lsmtl_jax import metrics
 from lsmtl_jax import parallel
 from lsmtl_jax import perf
 from lsmtl_jax import report
+from lsmtl_jax import resident
 from lsmtl_jax import results as results_lib
 from lsmtl_jax import steps
 from lsmtl_jax.data import loader
@@ -125,8 +126,8 @@ def _with_lsr_head(config, network, state, dataset, rows):
   return build.with_lsr_head(state, network, weights, bias)
 
 
-def _train_network(config, workdir: str, data: sources.Data,
-                   network: build.Network) -> dict[str, Any]:
+def _train_network(config, workdir: str, data: sources.Data, network: build.Network,
+                   feed: str) -> dict[str, Any]:
   dataset = data.train
   num_l, num_t = dataset.num_landmarks, dataset.num_targets
   mesh = network.mesh
@@ -206,11 +207,11 @@ def _train_network(config, workdir: str, data: sources.Data,
   try:
     if start_step < num_steps and not loop["stopped_early"]:
       batch_size = config.train.batch_size
-      batches = loader.train_batches(dataset, order, start_step, num_steps, config.data.prefetch,
-                                     placement.local_rows(batch_size))
+      batches = resident.train_batches(feed, dataset, order, start_step, num_steps, mesh,
+                                       config.data.prefetch)
       timer, window, window_steps, timed_steps = _Throughput(), None, 0, 0
       for step in range(start_step, num_steps):
-        state, step_metrics = step_fn(state, placement.put(next(batches), batch_size))
+        state, step_metrics = step_fn(state, next(batches))
         window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
         window_steps += 1
         done = step + 1
@@ -296,14 +297,16 @@ def _train_network(config, workdir: str, data: sources.Data,
                     "matmul_peak_flops": peak if math.isfinite(peak) else None,
                     "num_parameters": num_params,
                     "num_parameters_padded": num_params_padded,
-                    "mesh": dict(mesh.shape), "padded_targets": network.num_padded}}
+                    "mesh": dict(mesh.shape), "padded_targets": network.num_padded,
+                    "placement": feed}}
 
 
 def _preflight(config, workdir: str, data: sources.Data) -> dict[str, Any]:
   """Every check that can refuse this run, before anything is written to its
   workdir: the mesh against the devices and batch sizes, the checkpoints a
   workdir already holds (same config), the memory guard. Returns the network
-  (None for a method that fits in closed form) and its memory estimate."""
+  (None for a method that fits in closed form), where its training batches come
+  from (resident.choose) and its memory estimate, the resident matrix included."""
   method = registry.get(config.method)
   if not method.is_network:
     return {"network": None, "estimate": None}
@@ -316,7 +319,14 @@ def _preflight(config, workdir: str, data: sources.Data) -> dict[str, Any]:
   config_lib.check_same_config(
       workdir, checkpoints.latest_record(workdir),
       config_lib.fingerprint(config, network.num_padded, list(network.extras)))
-  return {"network": network, "estimate": memory.check_memory(network)}
+  matrix = resident.bytes_per_device(len(data.train_indices),
+                                     data.train.num_landmarks + data.train.num_targets,
+                                     mesh.shape["data"])
+  feed, why = resident.choose(config.data.placement, matrix, memory.device_memory_bytes(config),
+                              jax.default_backend(), jax.process_count())
+  logging.info("Training batches from the %s: %s", feed, why)
+  estimate = memory.check_memory(network, resident_bytes=matrix if feed == "device" else 0)
+  return {"network": network, "feed": feed, "estimate": estimate}
 
 
 def _run_one(config, workdir: str, data: sources.Data, checked: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +340,7 @@ def _run_one(config, workdir: str, data: sources.Data, checked: dict[str, Any]) 
     raise results_lib.WorkdirError(f"{workdir}: cannot write: {e.strerror or e}") from None
   logging.info("Running %s in %s", method.label, workdir)
   if method.is_network:
-    run = _train_network(config, workdir, data, checked["network"])
+    run = _train_network(config, workdir, data, checked["network"], checked["feed"])
     run["extra"]["estimated_train_bytes"] = checked["estimate"]["bytes"]
   else:
     run = method.fit(config, data)

@@ -35,14 +35,18 @@ class TrainOrder:
     self.steps_per_epoch = len(indices) // batch_size  # the ragged tail is dropped
     self._cached_epoch, self._cached_perm = -1, None
 
-  def rows(self, step: int) -> np.ndarray:
+  def positions(self, step: int) -> np.ndarray:
+    """Positions into `indices` of step's batch (what a device-resident matrix
+    of the rows `indices` is gathered at)."""
     epoch, pos = divmod(step, self.steps_per_epoch)
     if epoch != self._cached_epoch:
       self._cached_perm = np.random.default_rng([self.seed, 3, epoch]).permutation(
           len(self.indices))
       self._cached_epoch = epoch
-    picked = self._cached_perm[pos * self.batch_size:(pos + 1) * self.batch_size]
-    return self.indices[picked]
+    return self._cached_perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+  def rows(self, step: int) -> np.ndarray:
+    return self.indices[self.positions(step)]
 
 
 def _prefetch(dataset: Dataset, row_batches: Iterator[np.ndarray], depth: int,
