@@ -8,8 +8,9 @@ config.data.placement:
             sends only its int32 positions into that matrix (the positions
             TrainOrder.positions(step) gives, so the rows are those the host
             path reads) and gathers the batch on the devices.
-  'auto'    'device' when the matrix's share per device fits
-            DEVICE_SHARE of the device's memory (choose() says why), else 'host'.
+  'auto'    on an accelerator, 'device' when the matrix's share per device
+            fits DEVICE_SHARE of the device's memory, else 'host'; on the CPU
+            backend 'host' (choose() says why, and the run's log line too).
 
 Both paths hand the train step the same arrays with the same sharding
 (parallel.batch_sharding), so the step, its results and a resume do not depend
@@ -56,12 +57,16 @@ def choose(requested: str, per_device_bytes: int, device_bytes: int, backend: st
     return "host", "data.placement='host'"
   if requested == "device":
     return "device", f"data.placement='device' ({share})"
+  if backend == "cpu":
+    # CPU devices live in host RAM and their step is far slower than either
+    # feed (docs/performance.md#feeding-the-step): a resident copy would take
+    # RAM and gain nothing.
+    return "host", ("auto: on the CPU backend the step, not the loader, sets the pace; "
+                    "data.placement='device' holds the matrix in RAM instead")
   if per_device_bytes > DEVICE_SHARE * device_bytes:
     return "host", f"auto: the matrix does not fit {DEVICE_SHARE:.0%} of device memory ({share})"
-  where = ("the CPU backend's device memory is host RAM; the copy replaces the per-step "
-           "store reads" if backend == "cpu" else "it fits")
-  del process_count  # each process holds only its own shard, so it fits the same way
-  return "device", f"auto: {where} ({share})"
+  del process_count  # each process holds only its devices' shard: it fits as on one
+  return "device", f"auto: the matrix fits {DEVICE_SHARE:.0%} of device memory ({share})"
 
 
 @dataclasses.dataclass
