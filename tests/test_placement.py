@@ -200,3 +200,28 @@ def test_memory_guard_counts_the_resident_matrix(tmp_path, cache):
   with pytest.raises(memory.MemoryGuardError, match="of it the training matrix") as e:
     memory.check_memory(network, plan=lambda n: None, resident_bytes=matrix)
   assert e.value.needed_bytes == step + matrix
+
+
+def test_two_processes_device_placement_matches_one(eight_devices, cache, tmp_path):
+  """Two processes of four devices, one 4x2 mesh: each process loads only the
+  rows its devices hold, and the run ends as the one-process 4x2 host run."""
+  _, summary = eight_devices
+  workdir = tmp_path / "two"
+  env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "4", "configs/tiny.py",
+       str(workdir), f"--config.data.cache_dir={cache}", "--config.train.num_steps=12",
+       "--config.mesh.data=4", "--config.mesh.model=2", "--config.data.placement=device",
+       "--config.train.measure_peak=false"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  logs = [(workdir / f"process_{i}.log").read_text() for i in range(2)
+          if (workdir / f"process_{i}.log").exists()]
+  assert proc.returncode == 0, proc.stderr + "".join(l[-3000:] for l in logs)
+  assert all("Training batches from the device" in l for l in logs)
+  host, two = summary["runs"]["4x2_host"], _metrics(workdir)
+  assert two["steps"] == host["steps"] == 12 and two["best_step"] == host["best_step"]
+  # Across processes the collectives (gloo) sum in another order: equal to
+  # ~1e-8, as for the host path (tests/test_parallel.py).
+  for split in ("val", "test"):
+    for key in ("mae_mean", "mae_std", "cc_mean", "cc_std"):
+      assert two["splits"][split][key] == pytest.approx(host["splits"][split][key], rel=1e-6)
