@@ -225,3 +225,20 @@ def test_two_processes_device_placement_matches_one(eight_devices, cache, tmp_pa
   for split in ("val", "test"):
     for key in ("mae_mean", "mae_std", "cc_mean", "cc_std"):
       assert two["splits"][split][key] == pytest.approx(host["splits"][split][key], rel=1e-6)
+
+
+def test_feed_measurement_reports_every_path(tiny_dataset, cache):
+  """lsmtl_jax.feed (what the benchmark calls): each feed's rate and CPU cost, the step's."""
+  from lsmtl_jax import feed
+  from lsmtl_jax.data import loader
+  order = loader.TrainOrder(tiny_dataset.split("train"), 32, 0)
+  assert feed.host_feed_rate(tiny_dataset, order, 3, prefetch=2) > 0
+  assert feed.device_feed_rate(tiny_dataset, order, 3) > 0
+  report = feed.measure(tiny_dataset, _tiny(cache, "host"), repeats=1, steps=2, batch_size=32,
+                        prefetch=(1, 2), log=lambda m: None)
+  assert set(report["examples_per_s"]) == {"host_prefetch_1", "host_prefetch_2", "device",
+                                           "step"}
+  assert all(s["median"] > 0 for s in report["examples_per_s"].values())
+  assert report["columns"] == 64 and report["train_rows"] == len(order.indices)
+  assert report["matrix_bytes_per_device"] == 4 * 64 * len(order.indices)
+  assert "examples/s" in feed.format_report(report)
