@@ -17,6 +17,10 @@ block_until_ready on each one that leaves the window and on the last):
       fixed batch already on the devices.
   write_random_store(path, num_samples, num_landmarks=943, num_targets=9520)
       a GEO-shaped store of random standardized values to time them on.
+  measure(dataset, step_config, repeats, steps, batch_size, prefetch) -> dict
+      all of them interleaved `repeats` times (the host feed at each depth in
+      `prefetch`): medians and min-max of examples/s and of the process's CPU
+      ms per batch ('examples_per_s', 'cpu_ms_per_batch'), for the command below.
 
 `order` is a loader.TrainOrder (e.g. loader.TrainOrder(dataset.split('train'),
 256, 0)); `mesh` defaults to every device on the 'data' axis.
