@@ -228,3 +228,32 @@ def test_predict_refused_while_another_writes_its_output(holder, tmp_path, tmp_p
   assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
   assert errors[0].startswith(f"error: {out}: in use by pid {proc.pid} on "), errors
   assert sorted(os.listdir(tmp_path)) == [".out.gctx.lock", "in.gctx"]
+
+
+_TWO_RUNS = """
+from configs import tiny
+
+TITLE = "two"
+
+def get_config():
+  config = tiny.get_config()
+  config.data.cache_dir = {cache!r}
+  return config
+
+def get_runs(config):
+  return [{{"method": "lsr", "figures": {{"table": {{"order": 0}}}}}},
+          {{"method": "knn", "figures": {{"table": {{"order": 1}}}}}}]
+"""
+
+
+def test_experiment_runner_with_two_jobs_is_not_refused_by_its_own_children(tmp_path):
+  config = tmp_path / "two.py"
+  config.write_text(_TWO_RUNS.format(cache=str(tmp_path / "cache")))
+  workdir = tmp_path / "exp"
+  r = _cli("lsmtl_jax.experiments", f"--config={config}", f"--workdir={workdir}", "--jobs=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.load(open(workdir / "status.json"))["runs"] == {"lsr": "done", "knn": "done"}
+  for name in ("lsr", "knn"):  # each child held its own run folder's lock
+    log = (workdir / "runs" / name / "log.txt").read_text()
+    assert "in use by" not in log and not (workdir / "runs" / name / ".lock").exists()
+  assert not (workdir / ".lock").exists()
