@@ -3,8 +3,11 @@ errors as one line with exit code 2."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+from typing import Iterator
 
 from absl import flags
 
@@ -17,6 +20,34 @@ def refuse(message: str, code: int = 2):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(code)  # pylint: disable=protected-access
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT or SIGTERM arrived: raised in the main thread so that every
+  `finally` and `except BaseException` on the way out cleans up what it wrote."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum, self.name = signum, signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+  """SIGINT and SIGTERM raise Interrupted (once: a second signal during the
+  cleanup is ignored, so the cleanup finishes) for the block."""
+  raised = []
+
+  def handle(signum, frame):  # pylint: disable=unused-argument
+    if not raised:
+      raised.append(signum)
+      raise Interrupted(signum)
+
+  previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 def add_config_root(argv: list[str]) -> None:

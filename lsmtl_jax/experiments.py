@@ -49,6 +49,7 @@ import numpy as np
 from lsmtl_jax import fileio
 from lsmtl_jax import results as results_lib
 from lsmtl_jax import tuning
+from lsmtl_jax import workdir_lock
 
 FLAGS = flags.FLAGS
 RUN_CONFIG_NAME = "run_config.json"
@@ -732,6 +733,13 @@ def run_experiment(config_path: str, config: ml_collections.ConfigDict, workdir:
   """Plans, checks every run, runs what is missing, and writes the tables and figures."""
   module = _load_module(config_path)
   results_lib.check_workdir(workdir)
+  # The runner holds the top workdir; each child holds its own run folder.
+  with workdir_lock.hold(workdir):
+    return _run_experiment(module, config_path, config, workdir, jobs)
+
+
+def _run_experiment(module, config_path: str, config: ml_collections.ConfigDict,
+                    workdir: str, jobs: int) -> dict:
   workdir = os.path.abspath(workdir)  # runs train from the repository's folder
   if hasattr(module, "prepare"):  # datasets the runs need (e.g. a prepared GCTx)
     module.prepare(config, workdir)
@@ -790,7 +798,7 @@ def main(argv):
   try:
     result = run_experiment(path, FLAGS.config, FLAGS.workdir, FLAGS.jobs)
   except (config_lib.ConfigError, store.DatasetError, results_lib.WorkdirError,
-          tuning.TuningError) as e:
+          tuning.TuningError, workdir_lock.LockError) as e:
     _refuse(str(e))
   except KeyError as e:
     _refuse(str(e))

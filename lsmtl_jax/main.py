@@ -20,6 +20,7 @@ from lsmtl_jax import cli
 from lsmtl_jax import fileio
 from lsmtl_jax import parallel
 from lsmtl_jax import train
+from lsmtl_jax import workdir_lock
 from lsmtl_jax.checkpoints import CheckpointError
 from lsmtl_jax.data.store import DatasetError
 
@@ -62,7 +63,7 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, train.MemoryGuardError, parallel.MeshError, DatasetError,
-          train.WorkdirError) as e:
+          train.WorkdirError, workdir_lock.LockError) as e:
     _exit(2, f"error: {e}")
   except (train.NonFiniteError, CheckpointError) as e:
     _exit(1, f"error: {e}")

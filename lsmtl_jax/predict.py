@@ -59,6 +59,7 @@ from lsmtl_jax import fileio
 from lsmtl_jax import inference
 from lsmtl_jax import intervals as intervals_lib
 from lsmtl_jax import pipeline
+from lsmtl_jax import workdir_lock
 from lsmtl_jax.data import formats
 from lsmtl_jax.data import h5ad
 from lsmtl_jax.data import prepare_lib
@@ -547,12 +548,9 @@ def load(workdir: str = "", model: str = "") -> inference.Usable:
   return inference.load_model(model) if model else inference.load_run(workdir)
 
 
-def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
-                 log=lambda s: None, *, model: str = "") -> dict:
-  """Runs the whole prediction with the run at `workdir` or the model file
-  `model` (one of them); returns a summary dict. Raises PredictError,
-  inference.RunError or formats.PrepareError with one-line messages."""
-  t0 = time.perf_counter()
+def check_options(opts: Options) -> None:
+  """Raises PredictError for options out of range (the CLI's flags and the
+  notebook API's arguments alike)."""
   if opts.input_units not in UNITS:
     raise PredictError(f"--input_units must be one of {UNITS}, got {opts.input_units!r}")
   if opts.output_units not in UNITS:
@@ -563,6 +561,32 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     raise PredictError(f"--threshold is a validation CC, in [-1, 1]; got {opts.threshold:g}")
   if opts.intervals and not 0 < opts.intervals < 1:
     raise PredictError(f"--intervals is a coverage in (0, 1), e.g. 0.9; got {opts.intervals:g}")
+
+
+def calibration_for(run: inference.Usable, opts: Options,
+                    log=lambda s: None) -> intervals_lib.Calibration | None:
+  """The run's interval calibration when opts.intervals asks for bounds."""
+  if not opts.intervals:
+    return None
+  calibration = run.calibration(opts.batch_size)
+  try:
+    calibration.quantile(opts.intervals)
+  except intervals_lib.IntervalError as e:
+    raise PredictError(f"--intervals={opts.intervals:g}: {e}") from None
+  if calibration.source == "validation":
+    log(f"intervals: calibrated on the {calibration.num_profiles} validation profiles, which "
+        "also chose the checkpoint: mildly optimistic (train with "
+        "--config.data.calibration_fraction=0.5 for held-out calibration)")
+  return calibration
+
+
+def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
+                 log=lambda s: None, *, model: str = "") -> dict:
+  """Runs the whole prediction with the run at `workdir` or the model file
+  `model` (one of them); returns a summary dict. Raises PredictError,
+  inference.RunError or formats.PrepareError with one-line messages, and
+  workdir_lock.LockError while another process writes the same output."""
+  check_options(opts)
   if not output_path:
     raise PredictError("--output is empty; name the file to write")
   input_format = opts.input_format if opts.input_format != "auto" else (
@@ -571,19 +595,19 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
   for path in (output_path, *bound_paths.values()):
     _check_output(path, input_path, opts)
   out_format = _output_format(output_path, opts, input_format)
+  # One writer per output (the bounds go with it): .OUTPUT.lock beside it.
+  with workdir_lock.hold_beside(output_path):
+    for path in (output_path, *bound_paths.values()):  # its holder may have written it
+      _check_output(path, input_path, opts)
+    return _predict_locked(workdir, model, input_path, input_format, output_path,
+                           bound_paths, out_format, opts, log)
 
+
+def _predict_locked(workdir, model, input_path, input_format, output_path, bound_paths,
+                    out_format, opts, log) -> dict:
+  t0 = time.perf_counter()
   run = load(workdir, model)
-  calibration = None
-  if opts.intervals:
-    calibration = run.calibration(opts.batch_size)
-    try:
-      calibration.quantile(opts.intervals)
-    except intervals_lib.IntervalError as e:
-      raise PredictError(f"--intervals={opts.intervals:g}: {e}") from None
-    if calibration.source == "validation":
-      log(f"intervals: calibrated on the {calibration.num_profiles} validation profiles, which "
-          "also chose the checkpoint: mildly optimistic (train with "
-          "--config.data.calibration_fraction=0.5 for held-out calibration)")
+  calibration = calibration_for(run, opts, log)
   matrix = formats.open_matrix(input_path, input_format, gene_ids=opts.gene_ids,
                                sample_ids=opts.sample_ids)
   with matrix:
@@ -603,6 +627,7 @@ def predict_file(workdir: str, input_path: str, output_path: str, opts: Options,
     compute = BlockPredictor(run, mapper, predictor, opts, calibration, list(paths))
     chunk = max(1, matrix.row_chunk)
     step = max(chunk, (opts.block_rows // chunk) * chunk)
+    log(f"{input_path}: streaming {n} profiles in blocks of {step} -> {output_path}")
 
     # Whole rows are read (a row's genes are contiguous on disk) in pieces of
     # whole storage chunks of about READ_PIECE_BYTES, so the rows of all the
@@ -660,12 +685,19 @@ def main(argv):
                  input_format=FLAGS.input_format, output_format=FLAGS.output_format,
                  gene_ids=FLAGS.gene_ids, sample_ids=FLAGS.sample_ids,
                  overwrite=FLAGS.overwrite, intervals=FLAGS.intervals)
+  from lsmtl_jax import cli  # pylint: disable=g-import-not-at-top
   try:
-    s = predict_file(FLAGS.workdir or "", FLAGS.input, FLAGS.output, opts,
-                     log=lambda m: print(m, file=sys.stderr), model=FLAGS.model or "")
-  except (PredictError, inference.RunError, formats.PrepareError, store.DatasetError) as e:
+    with cli.interruptible():  # a signal unwinds the stage and the lock like an error
+      s = predict_file(FLAGS.workdir or "", FLAGS.input, FLAGS.output, opts,
+                       log=lambda m: print(m, file=sys.stderr), model=FLAGS.model or "")
+  except (PredictError, inference.RunError, formats.PrepareError, store.DatasetError,
+          workdir_lock.LockError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except cli.Interrupted as e:
+    print(f"error: {FLAGS.output}: interrupted by {e.name}; nothing written (the partial "
+          "output was removed)", file=sys.stderr)
+    sys.exit(128 + e.signum)
   imputed = f", {s['imputed_landmarks']} imputed" if s["imputed_landmarks"] else ""
   print(f"predict: {s['profiles']} profiles, {s['genes']} genes ({s['landmarks']} landmarks"
         f"{imputed}, {s['targets']} targets), {s['well_inferred']} of {s['targets']} targets "

@@ -15,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from lsmtl_jax import cli
+from lsmtl_jax import workdir_lock
 from lsmtl_jax.data import prepare_lib
 from lsmtl_jax.data.store import DatasetError
 
@@ -29,10 +30,15 @@ def main(argv):
           "flag)", file=sys.stderr)
     sys.exit(2)
   try:
-    ds = prepare_lib.prepare(_CONFIG.value, log=logging.info)
-  except (prepare_lib.PrepareError, DatasetError) as e:
+    with cli.interruptible():  # a signal unwinds the temporary and the lock like an error
+      ds = prepare_lib.prepare(_CONFIG.value, log=logging.info)
+  except (prepare_lib.PrepareError, DatasetError, workdir_lock.LockError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except cli.Interrupted as e:
+    print(f"error: {_CONFIG.value.output}: interrupted by {e.name}; nothing written (the "
+          "partial dataset was removed)", file=sys.stderr)
+    sys.exit(128 + e.signum)
   print(f"prepared {ds.path}: {ds.num_samples} samples, {ds.num_landmarks} landmarks, "
         f"{ds.num_targets} targets; splits "
         + ", ".join(f"{k} {len(v)}" for k, v in ds.meta["splits"].items()))

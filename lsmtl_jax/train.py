@@ -39,6 +39,7 @@ from lsmtl_jax import report
 from lsmtl_jax import resident
 from lsmtl_jax import results as results_lib
 from lsmtl_jax import steps
+from lsmtl_jax import workdir_lock
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
 from lsmtl_jax.methods import linear
@@ -372,6 +373,16 @@ def _run_one(config, workdir: str, data: sources.Data, checked: dict[str, Any]) 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs config.method (and config.compare_with) on the configured dataset,
+  holding the workdir's lock throughout (lsmtl_jax/workdir_lock.py: each
+  process of a multi-process job its own file); a workdir another run holds
+  raises workdir_lock.LockError before anything is written."""
+  results_lib.check_workdir(workdir)
+  with workdir_lock.hold(workdir, jax.process_index()):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs config.method (and config.compare_with) on the configured dataset.
 
   Returns the main method's results: the content of workdir/results.json, and

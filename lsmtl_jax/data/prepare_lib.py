@@ -43,6 +43,7 @@ import tensorstore as ts
 
 from lsmtl_jax import __version__
 from lsmtl_jax import kmeans as kmeans_lib
+from lsmtl_jax import workdir_lock
 from lsmtl_jax.data import dedup
 from lsmtl_jax.data import formats
 from lsmtl_jax.data import gene_flags
@@ -418,6 +419,12 @@ def prepare(cfg, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr
   t0 = time.time()
   out = os.path.abspath(cfg.output)
   _check_output(out)
+  with workdir_lock.hold_beside(out):  # one writer per output: .OUTPUT.lock beside it
+    _check_output(out)  # its holder may have finished it meanwhile
+    return _prepare_held(cfg, out, t0, log)
+
+
+def _prepare_held(cfg, out: str, t0: float, log: Callable[[str], None]) -> store.Dataset:
   reference_meta = None
   if cfg.reference_dataset:
     try:
