@@ -167,7 +167,7 @@ def prepare(args, name, cohort_dir):
 
 def train_jobs(args, name, data):
   jobs = []
-  for kind in ("random", "grouped"):
+  for kind in args.kinds:
     path = f"{data}/random" if kind == "random" else f"{data}/grouped_train"
     data_flags = [f"--config.data.path={path}"]
     if kind == "grouped":
@@ -190,6 +190,8 @@ def run_train(args, key, cmd):
   name, kind, lam, seed = key
   workdir = os.path.join(args.workdir, name, kind, f"lam{lam}_seed{seed}")
   results = os.path.join(workdir, "results.json")
+  if args.skip_running and os.path.isdir(workdir) and not os.path.exists(results):
+    return key, None  # another invocation is training it; rerun to tabulate
   if not os.path.exists(results):
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
     run(cmd + [f"--workdir={workdir}"], workdir + ".log")
@@ -205,7 +207,7 @@ def tabulate(args, maes, info):
   lines = [f"Test MAE (standardized units), configs/demo_small_cohort.py settings, "
            f"seeds {', '.join(map(str, SEEDS))}; gain = (MAE(lam = 0) - MAE) / MAE(lam = 0).", ""]
   for name in args.cohorts:
-    for kind in ("random", "grouped"):
+    for kind in args.kinds:
       i = info[(name, kind)]
       lines += [f"### {name}, {kind} split ({i['train']} / {i['val']} / {i['test']} profiles, "
                 f"{i['landmarks']} landmarks, {i['targets']} targets; batch {i['batch']})", "",
@@ -236,8 +238,11 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--jobs", type=int, default=1)
   parser.add_argument("--cohorts", default="bladderbatch,gse781")
+  parser.add_argument("--skip_running", action="store_true",
+                      help="skip runs whose workdir exists without results (started elsewhere)")
+  parser.add_argument("--kinds", default="random,grouped", help="which splits to train on")
   args = parser.parse_args()
-  args.cohorts = args.cohorts.split(",")
+  args.cohorts, args.kinds = args.cohorts.split(","), args.kinds.split(",")
   args.workdir = os.path.abspath(args.workdir)
   start = time.time()
   datasets, args.n_train, info = {}, {}, {}
@@ -262,7 +267,10 @@ def main():
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     for key, mae in pool.map(lambda j: run_train(args, *j), jobs):
       maes[key] = mae
-      print(key, f"{mae:.4f}", flush=True)
+      print(key, "running elsewhere" if mae is None else f"{mae:.4f}", flush=True)
+  if None in maes.values():
+    print("not tabulated: some runs are still training elsewhere")
+    return
   table = tabulate(args, maes, info)
   table += f"\nWall time: {time.time() - start:.0f} s at --jobs={args.jobs}.\n"
   with open(os.path.join(args.workdir, "real_cohorts.md"), "w") as f:
