@@ -178,11 +178,12 @@ def train_jobs(args, name, data):
               "--config.data.synthetic.enabled=False", "--config.data.max_train=0",
               "--config.compare_with=()", f"--config.train.batch_size={batch}",
               "--config.report=False"] + data_flags
-    for lam in LAMS:
+    for lam in args.lams:
       for seed in SEEDS:
         jobs.append(((name, kind, lam, seed), common + [
             "--config.method=deep_lsmtl", f"--config.lsmtl.lam={lam}", f"--config.seed={seed}"]))
-    jobs.append(((name, kind, "lsr", 0), common + ["--config.method=lsr"]))
+    if args.lsr:
+      jobs.append(((name, kind, "lsr", 0), common + ["--config.method=lsr"]))
   return jobs
 
 
@@ -213,14 +214,19 @@ def tabulate(args, maes, info):
                 f"{i['landmarks']} landmarks, {i['targets']} targets; batch {i['batch']})", "",
                 "| lam | " + " | ".join(f"seed {s}" for s in SEEDS) + " | gain per seed | mean gain ± sd |",
                 "|---|" + "---|" * (len(SEEDS) + 2)]
-      base = [maes[(name, kind, 0.0, s)] for s in SEEDS]
+      base = [maes.get((name, kind, 0.0, s)) for s in SEEDS]
       for lam in LAMS:
-        row = [maes[(name, kind, lam, s)] for s in SEEDS]
-        gains = [100 * (b - m) / b for b, m in zip(base, row)]
-        cells = " | ".join(f"{m:.4f}" for m in row)
+        row = [maes.get((name, kind, lam, s)) for s in SEEDS]
+        if all(m is None for m in row):
+          lines.append(f"| {lam:g} | " + " | ".join("not run" for _ in SEEDS) + " | - | - |")
+          continue
+        gains = [100 * (b - m) / b for b, m in zip(base, row) if None not in (b, m)]
+        cells = " | ".join("not run" if m is None else f"{m:.4f}" for m in row)
         per = " / ".join(f"{g:+.2f}" for g in gains) if lam else "-"
-        lines.append(f"| {lam:g} | {cells} | {per} | {_fmt_gain(gains) if lam else '-'} |")
-      lines += ["", f"LSR: {maes[(name, kind, 'lsr', 0)]:.4f}", ""]
+        mean = _fmt_gain(gains) if lam and len(gains) > 1 else "-"
+        lines.append(f"| {lam:g} | {cells} | {per} | {mean} |")
+      lsr = maes.get((name, kind, "lsr", 0))
+      lines += ["", f"LSR: {'not run' if lsr is None else f'{lsr:.4f}'}", ""]
   return "\n".join(lines)
 
 
@@ -240,9 +246,13 @@ def main():
   parser.add_argument("--cohorts", default="bladderbatch,gse781")
   parser.add_argument("--skip_running", action="store_true",
                       help="skip runs whose workdir exists without results (started elsewhere)")
+  parser.add_argument("--lams", default=",".join(map(str, LAMS)),
+                      help="a subset of the lam values to train (the table reads all it finds)")
+  parser.add_argument("--no_lsr", dest="lsr", action="store_false")
   parser.add_argument("--kinds", default="random,grouped", help="which splits to train on")
   args = parser.parse_args()
   args.cohorts, args.kinds = args.cohorts.split(","), args.kinds.split(",")
+  args.lams = [float(v) for v in args.lams.split(",")]
   args.workdir = os.path.abspath(args.workdir)
   start = time.time()
   datasets, args.n_train, info = {}, {}, {}
@@ -268,6 +278,14 @@ def main():
     for key, mae in pool.map(lambda j: run_train(args, *j), jobs):
       maes[key] = mae
       print(key, "running elsewhere" if mae is None else f"{mae:.4f}", flush=True)
+  for name in args.cohorts:
+    for kind in args.kinds:
+      for lam in list(LAMS) + ["lsr"]:
+        for seed in SEEDS if lam != "lsr" else (0,):
+          path = os.path.join(args.workdir, name, kind, f"lam{lam}_seed{seed}", "results.json")
+          if (name, kind, lam, seed) not in maes and os.path.exists(path):
+            with open(path) as f:
+              maes[(name, kind, lam, seed)] = json.load(f)["splits"]["test"]["mae_mean"]
   if None in maes.values():
     print("not tabulated: some runs are still training elsewhere")
     return
