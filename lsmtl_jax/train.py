@@ -38,8 +38,10 @@ from lsmtl_jax import perf
 from lsmtl_jax import report
 from lsmtl_jax import results as results_lib
 from lsmtl_jax import steps
+from lsmtl_jax import test_blend
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
+from lsmtl_jax.methods import deep_lsmtl
 from lsmtl_jax.methods import linear
 from lsmtl_jax.methods import registry
 
@@ -160,11 +162,12 @@ def _train_network(config, workdir: str, data: sources.Data,
   step_fn = network.train_step(state_shardings, base_key)
   stats_step, init_stats = network.eval_step(steps.regressor_variables(state_shardings))
 
-  def evaluate(split: str, variables, with_gene_stats=False):
+  def evaluate(split: str, variables, with_gene_stats=False, split_step=None):
     eval_set = data.eval_sets[split]
     summary, gene_stats = evaluation.evaluate(
         eval_set.dataset, eval_set.indices, config.train.eval_batch_size,
-        functools.partial(stats_step, variables), init_stats, placement, config.data.prefetch)
+        split_step or functools.partial(stats_step, variables), init_stats, placement,
+        config.data.prefetch)
     return (summary, gene_stats) if with_gene_stats else summary
 
   flops = perf.train_flops_per_example(config.model, num_l, num_t,
@@ -280,7 +283,16 @@ def _train_network(config, workdir: str, data: sources.Data,
                     {"step": int(loop["step"]), "val": None})
   best = ckpts.restore_best(steps.regressor_variables(state))
   best_variables = best[0] if best is not None else steps.regressor_variables(state)
-  final = {name: evaluate(name, best_variables, True) for name in data.eval_sets}
+  final_step, blend_record = None, None
+  if test_blend.enabled(config, network):  # w chosen on validation, then every split
+    blended = test_blend.stats_step(network, config,
+                                    state.params[deep_lsmtl.TASK_RELATION])
+    weight, blend_record = test_blend.choose(
+        config.lsmtl.test_blend_weights,
+        lambda w: evaluate("val", None, split_step=blended(best_variables, w))["mae_mean"])
+    final_step = blended(best_variables, weight)
+    logging.info("test_blend: w = %g (val MAE %s)", weight, blend_record["val_mae"])
+  final = {name: evaluate(name, best_variables, True, final_step) for name in data.eval_sets}
   splits = {name: summary for name, (summary, _) in final.items()}
   gene_stats = {name: stats for name, (_, stats) in final.items()}
   ckpts.close()
@@ -296,7 +308,8 @@ def _train_network(config, workdir: str, data: sources.Data,
                     "matmul_peak_flops": peak if math.isfinite(peak) else None,
                     "num_parameters": num_params,
                     "num_parameters_padded": num_params_padded,
-                    "mesh": dict(mesh.shape), "padded_targets": network.num_padded}}
+                    "mesh": dict(mesh.shape), "padded_targets": network.num_padded,
+                    **({"test_blend": blend_record} if blend_record else {})}}
 
 
 def _preflight(config, workdir: str, data: sources.Data) -> dict[str, Any]:
