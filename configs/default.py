@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lsmtl.relation_on = "outputs"
   # Evaluate (1 - w) y_hat + w g_loo(y_hat), g_loo reconstructing each task
   # with its group of tasks hidden, w in test_blend_weights chosen on the
-  # validation MAE after training (lsmtl_jax/test_blend.py).
+  # validation MAE after training (lsmtl_jax/blending.py).
   config.lsmtl.test_blend = False
   config.lsmtl.test_blend_weights = (0.0, 0.25, 0.5)
 

@@ -38,7 +38,7 @@ from lsmtl_jax import perf
 from lsmtl_jax import report
 from lsmtl_jax import results as results_lib
 from lsmtl_jax import steps
-from lsmtl_jax import test_blend
+from lsmtl_jax import blending
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
 from lsmtl_jax.methods import deep_lsmtl
@@ -284,10 +284,10 @@ def _train_network(config, workdir: str, data: sources.Data,
   best = ckpts.restore_best(steps.regressor_variables(state))
   best_variables = best[0] if best is not None else steps.regressor_variables(state)
   final_step, blend_record = None, None
-  if test_blend.enabled(config, network):  # w chosen on validation, then every split
-    blended = test_blend.stats_step(network, config,
+  if blending.enabled(config, network):  # w chosen on validation, then every split
+    blended = blending.stats_step(network, config,
                                     state.params[deep_lsmtl.TASK_RELATION])
-    weight, blend_record = test_blend.choose(
+    weight, blend_record = blending.choose(
         config.lsmtl.test_blend_weights,
         lambda w: evaluate("val", None, split_step=blended(best_variables, w))["mae_mean"])
     final_step = blended(best_variables, weight)

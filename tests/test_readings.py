@@ -18,7 +18,7 @@ from lsmtl_jax import build
 from lsmtl_jax import config_lib
 from lsmtl_jax import objectives
 from lsmtl_jax import steps
-from lsmtl_jax import test_blend
+from lsmtl_jax import blending
 from lsmtl_jax import train
 
 from conftest import REPO
@@ -174,7 +174,7 @@ def test_leave_group_out_against_numpy():
   params = state.params[REL]
   valid = np.arange(net.num_padded) < T
   y_hat = _rng.normal(size=(B, net.num_padded)).astype(np.float32)
-  groups, num_groups = test_blend.partition(net.config, net.num_padded)
+  groups, num_groups = blending.partition(net.config, net.num_padded)
   g = lambda u: net.extras[REL].apply({"params": params}, u)
   got = np.asarray(objectives.leave_group_out(jnp.asarray(y_hat), groups, num_groups, g,
                                               jnp.asarray(valid, jnp.float32)))
@@ -197,8 +197,8 @@ def test_leave_group_out_against_numpy():
 
 def test_choose_takes_the_lowest_validation_mae_and_keeps_ties_early():
   maes = {0.0: 0.5, 0.25: 0.4, 0.5: 0.45}
-  assert test_blend.choose((0.0, 0.25, 0.5), maes.get)[0] == 0.25
-  w, record = test_blend.choose((0.0, 0.5), lambda w: 0.3)
+  assert blending.choose((0.0, 0.25, 0.5), maes.get)[0] == 0.25
+  w, record = blending.choose((0.0, 0.5), lambda w: 0.3)
   assert w == 0.0 and record == {"weight": 0.0, "val_mae": {"0.0": 0.3, "0.5": 0.3}}
 
 

@@ -13,7 +13,7 @@ lsmtl.warmup_steps ramps the term's weight lam * min(1, step / warmup_steps);
 lsmtl.relation_lr_scale (build.create_optimizer) sets g's learning rate apart;
 lsmtl.relation_input='target' shows g the true y, r = g((1 - m) y);
 lsmtl.relation_on='hidden' has g map the trunk's features, some hidden, to the
-outputs; lsmtl.test_blend (lsmtl_jax/test_blend.py) mixes y_hat with g's
+outputs; lsmtl.test_blend (lsmtl_jax/blending.py) mixes y_hat with g's
 leave-task-out reconstruction at test time.
 """
 
