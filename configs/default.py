@@ -83,6 +83,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.lsmtl.warmup_steps = 0
   # g's learning rate is optim.learning_rate times this.
   config.lsmtl.relation_lr_scale = 1.0
+  # What g sees: 'prediction', r = g((1 - m) y_hat), or 'target', r = g((1 - m) y)
+  # with the true targets (the term then reaches the regressor only through the
+  # reconstruction target y_hat).
+  config.lsmtl.relation_input = "prediction"
+  # 'outputs': g reconstructs masked tasks from the visible ones; 'hidden': g
+  # maps the trunk's output features, a random mask_rate of them hidden, to
+  # every task's output (docs/method.md, "Other readings").
+  config.lsmtl.relation_on = "outputs"
+  # Evaluate (1 - w) y_hat + w g_loo(y_hat), g_loo reconstructing each task
+  # with its group of tasks hidden, w in test_blend_weights chosen on the
+  # validation MAE after training (lsmtl_jax/blending.py).
+  config.lsmtl.test_blend = False
+  config.lsmtl.test_blend_weights = (0.0, 0.25, 0.5)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.task = "mse"  # or 'mae'

@@ -56,6 +56,8 @@ def with_method_sections(config: Config) -> Config:
 _LATER_FIELDS = {"memory.limit_gb": 0.0, "data.max_train": 0, "data.calibration_fraction": 0.0,
                  "lsmtl.detach_input": False,
                  "lsmtl.warmup_steps": 0, "lsmtl.relation_lr_scale": 1.0,
+                 "lsmtl.relation_input": "prediction", "lsmtl.relation_on": "outputs",
+                 "lsmtl.test_blend": False, "lsmtl.test_blend_weights": (0.0, 0.25, 0.5),
                  "model.head_init": "default", "train.measure_peak": True,
                  "data.require_external_eval": False}
 
@@ -97,6 +99,8 @@ _CHOICES = {
     "model.activation": ("tanh", "relu", "leaky_relu", "sigmoid", "gelu", "elu", "silu"),
     "model.dtype": ("float32", "bfloat16"),
     "lsmtl.mask_per": ("example", "batch"),
+    "lsmtl.relation_input": ("prediction", "target"),
+    "lsmtl.relation_on": ("outputs", "hidden"),
     "model.head_init": ("default", "lsr"),
     "loss.task": ("mse", "mae"),
     "optim.name": ("adam", "adamw", "sgd"),
@@ -108,6 +112,7 @@ _CHOICES = {
 
 # Switches: True or False (a config file may set anything; flags are typed).
 _BOOLS = ("model.batch_norm", "lsmtl.stop_gradient_target", "lsmtl.detach_input",
+          "lsmtl.test_blend",
           "mesh.fsdp", "data.in_memory", "data.synthetic.enabled",
           "data.require_external_eval", "train.measure_peak", "report")
 
@@ -211,6 +216,19 @@ def _variant_checks(config: Config):
   yield (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale >= 0
          and math.isfinite(scale),
          f"lsmtl.relation_lr_scale must be a finite number >= 0, got {scale!r}")
+  weights = lsmtl.test_blend_weights
+  yield (isinstance(weights, (tuple, list)) and len(weights) > 0
+         and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= 1
+                 for w in weights),
+         f"lsmtl.test_blend_weights must be a non-empty list of numbers in [0, 1], "
+         f"got {weights!r}")
+  hidden = lsmtl.relation_on == "hidden"
+  yield (not (hidden and lsmtl.relation_input == "target"),
+         "lsmtl.relation_input='target' needs lsmtl.relation_on='outputs' (on 'hidden' g "
+         "reads the trunk's features, not the targets)")
+  yield (not (hidden and lsmtl.test_blend is True),
+         "lsmtl.test_blend needs lsmtl.relation_on='outputs' (on 'hidden' g has no "
+         "leave-task-out reconstruction)")
   if config.model.head_init == "lsr":
     for name in (config.method, *config.compare_with):
       if name not in registry.names():
@@ -272,6 +290,9 @@ _FINGERPRINT_FIELDS = ("method", "model", "lsmtl.bottleneck", "lsmtl.negative_sl
 
 def fingerprint(config: Config, num_padded: int, extras: list[str]) -> dict[str, Any]:
   out = {"num_padded_targets": num_padded, "extras": sorted(extras)}
+  # g's shape depends on it; recorded only when set, so older checkpoints match.
+  if get_field(config, "lsmtl.relation_on") != "outputs":
+    out["lsmtl.relation_on"] = get_field(config, "lsmtl.relation_on")
   for field in _FINGERPRINT_FIELDS:
     value = get_field(config, field)
     out[field] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value

@@ -89,26 +89,34 @@ class Regressor(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, *, train: bool, return_features: bool = False):
+    """y_hat, or (y_hat, h) with the trunk's output h the head reads."""
     h = self.trunk(x, train=train)
     y = _dense(self.num_targets, ("trunk_out", "targets"), self.dtype, "head")(h)
-    return y.astype(jnp.float32)
+    y = y.astype(jnp.float32)
+    return (y, h) if return_features else y
 
 
 class TaskRelation(nn.Module):
-  """g(u) = V sigma(U u + c) + d: a T -> k -> T bottleneck over the task outputs."""
+  """g(u) = V sigma(U u + c) + d: a T -> k -> T bottleneck over the task outputs,
+  or with `trunk_output_width` set (lsmtl.relation_on='hidden') F -> k -> T
+  from the trunk's F output features."""
 
   num_targets: int
   bottleneck: int
   negative_slope: float = 0.2
   dtype: Any = jnp.float32
+  trunk_output_width: Callable[[int], int] | None = None  # num_landmarks -> F
 
   def dummy_inputs(self, num_landmarks: int, num_targets: int):
+    if self.trunk_output_width is not None:
+      return (jnp.zeros((1, self.trunk_output_width(num_landmarks))),)
     return (jnp.zeros((1, num_targets)),)
 
   @nn.compact
   def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
-    z = _dense(self.bottleneck, ("targets", "bottleneck"), self.dtype, "encode")(u)
+    axis = "targets" if self.trunk_output_width is None else "trunk_out"
+    z = _dense(self.bottleneck, (axis, "bottleneck"), self.dtype, "encode")(u)
     z = nn.leaky_relu(z, self.negative_slope)
     r = _dense(self.num_targets, ("bottleneck", "targets"), self.dtype, "decode")(z)
     return r.astype(jnp.float32)

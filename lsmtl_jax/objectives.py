@@ -11,6 +11,7 @@ subspace-clustering objective the method starts from.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -44,24 +45,79 @@ def reconstruction_loss(y_hat: jnp.ndarray, mask: jnp.ndarray,
                         relation: Callable[[jnp.ndarray], jnp.ndarray],
                         stop_gradient_target: bool = False,
                         valid: jnp.ndarray | None = None,
-                        stop_gradient_input: bool = False) -> jnp.ndarray:
+                        stop_gradient_input: bool = False,
+                        shown_from: jnp.ndarray | None = None) -> jnp.ndarray:
   """Mean squared error of g's reconstruction over the masked entries only.
 
   Padding tasks (`valid` = 0) are neither shown to g nor scored. y_hat appears
   twice, as g's input (1 - m) y_hat and as the target; `stop_gradient_input` /
   `stop_gradient_target` detach the one named, so the regressor gets this
   term's gradient only through the other (both: only g learns from it).
+  `shown_from` (lsmtl.relation_input='target': the true y) replaces y_hat as
+  what g sees, r = g((1 - m) shown_from); y_hat stays the target.
   """
   visible = 1.0 - mask
   if valid is not None:
     mask, visible = mask * valid, visible * valid
-  shown = visible * y_hat
+  shown = visible * (y_hat if shown_from is None else shown_from)
   if stop_gradient_input:
     shown = jax.lax.stop_gradient(shown)
   reconstruction = relation(shown)
   target = jax.lax.stop_gradient(y_hat) if stop_gradient_target else y_hat
   squared = mask * jnp.square(target - reconstruction)
   return jnp.sum(squared) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def feature_reconstruction_loss(features: jnp.ndarray, y_hat: jnp.ndarray,
+                                feature_mask: jnp.ndarray,
+                                relation: Callable[[jnp.ndarray], jnp.ndarray],
+                                stop_gradient_target: bool = False,
+                                valid: jnp.ndarray | None = None,
+                                stop_gradient_input: bool = False) -> jnp.ndarray:
+  """lsmtl.relation_on='hidden': g maps the trunk's features h (B, F), a random
+  subset of them hidden, to every task's output, r = g((1 - m) h) with m over
+  the F features; L_rec = mean over examples and real tasks of (y_hat - r)^2.
+  No task is hidden, so every task is scored; the detach switches act on
+  (1 - m) h and on y_hat as in reconstruction_loss."""
+  shown = (1.0 - feature_mask) * features
+  if stop_gradient_input:
+    shown = jax.lax.stop_gradient(shown)
+  reconstruction = relation(shown)
+  target = jax.lax.stop_gradient(y_hat) if stop_gradient_target else y_hat
+  squared = jnp.square(target - reconstruction)
+  if valid is None:
+    return jnp.mean(squared)
+  return jnp.sum(squared * valid) / (y_hat.shape[0] * jnp.sum(valid))
+
+
+def blend_groups(key: jax.Array, num_tasks: int, mask_rate: float) -> jnp.ndarray:
+  """Each task's group in a random partition of the tasks into
+  K = ceil(1 / mask_rate) groups of near-equal size (lsmtl.test_blend)."""
+  return jax.random.permutation(key, num_tasks) % num_blend_groups(mask_rate)
+
+
+def num_blend_groups(mask_rate: float) -> int:
+  """K = ceil(1 / rho): each pass hides about the share of tasks training hides."""
+  return max(1, math.ceil(round(1.0 / mask_rate, 6))) if mask_rate > 0 else 1
+
+
+def leave_group_out(y_hat: jnp.ndarray, groups: jnp.ndarray, num_groups: int,
+                    relation: Callable[[jnp.ndarray], jnp.ndarray],
+                    valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """g_loo(y_hat): task t reconstructed by g with its own group hidden,
+  g((1 - m_k) y_hat)[:, t] for the group k of t (m_k hides group k); every task
+  is hidden exactly once, in K passes of g. Padding is never shown to g."""
+  shown_tasks = jnp.ones(y_hat.shape[1], y_hat.dtype) if valid is None else valid
+  out = jnp.zeros_like(y_hat)
+  for k in range(num_groups):
+    hidden = (groups == k).astype(y_hat.dtype)
+    out = out + hidden * relation((1.0 - hidden) * shown_tasks * y_hat)
+  return out
+
+
+def blend(y_hat: jnp.ndarray, loo: jnp.ndarray, weight) -> jnp.ndarray:
+  """(1 - w) y_hat + w g_loo(y_hat)."""
+  return (1.0 - weight) * y_hat + weight * loo
 
 
 # ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lsmtl_jax import blending
 from lsmtl_jax import build
 from lsmtl_jax import checkpoints
 from lsmtl_jax import config_lib
@@ -42,6 +43,7 @@ from lsmtl_jax import steps
 from lsmtl_jax import workdir_lock
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
+from lsmtl_jax.methods import deep_lsmtl
 from lsmtl_jax.methods import linear
 from lsmtl_jax.methods import registry
 
@@ -162,11 +164,12 @@ def _train_network(config, workdir: str, data: sources.Data, network: build.Netw
   step_fn = network.train_step(state_shardings, base_key)
   stats_step, init_stats = network.eval_step(steps.regressor_variables(state_shardings))
 
-  def evaluate(split: str, variables, with_gene_stats=False):
+  def evaluate(split: str, variables, with_gene_stats=False, split_step=None):
     eval_set = data.eval_sets[split]
     summary, gene_stats = evaluation.evaluate(
         eval_set.dataset, eval_set.indices, config.train.eval_batch_size,
-        functools.partial(stats_step, variables), init_stats, placement, config.data.prefetch)
+        split_step or functools.partial(stats_step, variables), init_stats, placement,
+        config.data.prefetch)
     return (summary, gene_stats) if with_gene_stats else summary
 
   flops = perf.train_flops_per_example(config.model, num_l, num_t,
@@ -282,7 +285,16 @@ def _train_network(config, workdir: str, data: sources.Data, network: build.Netw
                     {"step": int(loop["step"]), "val": None})
   best = ckpts.restore_best(steps.regressor_variables(state))
   best_variables = best[0] if best is not None else steps.regressor_variables(state)
-  final = {name: evaluate(name, best_variables, True) for name in data.eval_sets}
+  final_step, blend_record = None, None
+  if blending.enabled(config, network):  # w chosen on validation, then every split
+    blended = blending.stats_step(network, config,
+                                    state.params[deep_lsmtl.TASK_RELATION])
+    weight, blend_record = blending.choose(
+        config.lsmtl.test_blend_weights,
+        lambda w: evaluate("val", None, split_step=blended(best_variables, w))["mae_mean"])
+    final_step = blended(best_variables, weight)
+    logging.info("test_blend: w = %g (val MAE %s)", weight, blend_record["val_mae"])
+  final = {name: evaluate(name, best_variables, True, final_step) for name in data.eval_sets}
   splits = {name: summary for name, (summary, _) in final.items()}
   gene_stats = {name: stats for name, (_, stats) in final.items()}
   ckpts.close()
@@ -299,7 +311,8 @@ def _train_network(config, workdir: str, data: sources.Data, network: build.Netw
                     "num_parameters": num_params,
                     "num_parameters_padded": num_params_padded,
                     "mesh": dict(mesh.shape), "padded_targets": network.num_padded,
-                    "placement": feed}}
+                    "placement": feed,
+                    **({"test_blend": blend_record} if blend_record else {})}}
 
 
 def _preflight(config, workdir: str, data: sources.Data) -> dict[str, Any]:

@@ -55,9 +55,17 @@ def get_config():
       # Other readings, at the first width: name -> overrides of both arms
       # ('lam0' marks one that also changes the lam = 0 arm).
       # Other readings (READINGS below: 'detach_input', 'warmup', 'relation_lr',
-      # 'lsr_head'), e.g. --config.study.readings="('detach_input','lsr_head')";
+      # 'lsr_head', 'target_input', 'hidden', 'test_blend'), e.g. --config.study.readings="('detach_input','lsr_head')";
       # none in the default plan, which is sized for an hour on 2 cores.
       readings=(),
+      # > 0: trunk blocks of every cell (else model.depth, 2); cells are then
+      # named -d<depth>, e.g. the wide cell --config.study.depth=3
+      # --config.study.widths="(1024,)": 943 + 3 x 1,024 features into 2,000 targets.
+      depth=0,
+      # False: the default reading's Deep-LSMTL arm is left out (its lam = 0 arm,
+      # which the other readings pair with, stays): for adding readings to a
+      # study whose default rows are already measured.
+      default_lsmtl=True,
       reading_width=128, reading_datasets=("geo_shaped",), reading_n_train=(),  # () = all
       lam_values=(0.01, 0.1, 1.0),
       lsmtl_on_lam0_choice=True,
@@ -74,6 +82,9 @@ READINGS = {
     "warmup": ({"lsmtl.warmup_steps": 200}, False),
     "relation_lr": ({"lsmtl.relation_lr_scale": 10.0}, False),
     "lsr_head": ({"model.head_init": "lsr"}, True),
+    "target_input": ({"lsmtl.relation_input": "target"}, False),
+    "hidden": ({"lsmtl.relation_on": "hidden"}, False),
+    "test_blend": ({"lsmtl.test_blend": True}, False),
 }
 
 
@@ -122,9 +133,13 @@ def _steps(study, n):
   return int(min(study.max_steps, max(study.min_steps, study.epochs * n // 64)))
 
 
+def _depth(config):
+  return config.study.depth or config.model.depth
+
+
 def _head_share(config, width):
   num_l, num_t = config.data.synthetic.num_landmarks, config.data.synthetic.num_targets
-  depth = config.model.depth
+  depth = _depth(config)
   trunk = sum((num_l + i * width) * width + width for i in range(depth))
   head = (num_l + depth * width) * num_t + num_t
   return head / (trunk + head)
@@ -134,7 +149,8 @@ def _cell(config, dataset, n, width, workdir_data):
   data = ({"data.synthetic.enabled": True} if dataset == "synthetic" else
           {"data.synthetic.enabled": False, "data.path": workdir_data})
   steps = _steps(config.study, n)
-  return {**data, "data.max_train": n, "model.hidden": width, "train.num_steps": steps,
+  depth = {"model.depth": config.study.depth} if config.study.depth else {}
+  return {**data, **depth, "data.max_train": n, "model.hidden": width, "train.num_steps": steps,
           "train.eval_every": max(50, steps // 10), "train.checkpoint_every": steps}
 
 
@@ -154,7 +170,7 @@ def get_runs(config, workdir=None):
           base = {**_cell(config, dataset, n, width, geo), **extra}
           coords = {"dataset": dataset, "n_train": n, "width": width, "reading": reading,
                     "head_share": _head_share(config, width)}
-          cell = f"{dataset}-{n}-w{width}"
+          cell = f"{dataset}-{n}-w{width}" + (f"-d{s.depth}" if s.depth else "")
           lam0 = f"{cell}-{reading if both_arms else 'default'}-lam0"
           lsmtl_tune = {"search": [{"lsmtl.lam": lam} for lam in s.lam_values],
                         "seeds": s.seeds}
@@ -165,6 +181,8 @@ def get_runs(config, workdir=None):
                          "figures": {"regime": {**coords, "arm": "lam0"}},
                          "tune": {"search": [{"model.dropout": d} for d in s.dropout_values],
                                   "seeds": s.seeds}})
+          if reading == "default" and not s.default_lsmtl:
+            continue
           runs.append({"method": "deep_lsmtl", "overrides": base,
                        "name": f"{cell}-{reading}-lsmtl",
                        "figures": {"regime": {**coords, "arm": "lsmtl"}},

@@ -10,10 +10,16 @@ Readings of the paper's loss other than the default, as switches (each at its
 default gives exactly the loss above): lsmtl.stop_gradient_target and
 lsmtl.detach_input detach y_hat where it is g's target or g's input;
 lsmtl.warmup_steps ramps the term's weight lam * min(1, step / warmup_steps);
-lsmtl.relation_lr_scale (build.create_optimizer) sets g's learning rate apart.
+lsmtl.relation_lr_scale (build.create_optimizer) sets g's learning rate apart;
+lsmtl.relation_input='target' shows g the true y, r = g((1 - m) y);
+lsmtl.relation_on='hidden' has g map the trunk's features, some hidden, to the
+outputs; lsmtl.test_blend (lsmtl_jax/blending.py) mixes y_hat with g's
+leave-task-out reconstruction at test time.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 
@@ -29,9 +35,12 @@ def build(config, num_targets: int, dtype):
                                num_targets=num_targets, dtype=dtype)
   extras = {}
   if config.lsmtl.lam > 0:
+    on_hidden = config.lsmtl.relation_on == "hidden"
     extras[TASK_RELATION] = models.TaskRelation(
         num_targets=num_targets, bottleneck=config.lsmtl.bottleneck,
-        negative_slope=config.lsmtl.negative_slope, dtype=dtype)
+        negative_slope=config.lsmtl.negative_slope, dtype=dtype,
+        trunk_output_width=(functools.partial(models.trunk_output_width, config.model)
+                            if on_hidden else None))
   return regressor, extras
 
 
@@ -48,18 +57,31 @@ def loss(state, batch, step: base.StepInputs):
   lsmtl = step.config.lsmtl
   relation = step.extras.get(TASK_RELATION)
 
+  on_hidden = relation is not None and lsmtl.relation_on == "hidden"
+
   def loss_fn(params):
-    y_hat, updates = step.regressor.apply(
+    out, updates = step.regressor.apply(
         {"params": params["regressor"], "batch_stats": state.batch_stats}, batch["x"],
-        train=True, rngs={"dropout": step.dropout_key}, mutable=["batch_stats"])
+        train=True, rngs={"dropout": step.dropout_key}, mutable=["batch_stats"],
+        **({"return_features": True} if on_hidden else {}))
+    y_hat, features = out if on_hidden else (out, None)
     l_task = objectives.task_loss(step.y, y_hat, step.config.loss.task, step.valid)
     l_rec = jnp.zeros((), jnp.float32)
     if relation is not None:
-      mask = objectives.sample_task_mask(step.mask_key, y_hat.shape, lsmtl.mask_rate,
-                                         per_batch=lsmtl.mask_per == "batch")
       g = lambda u: relation.apply({"params": params[TASK_RELATION]}, u)
-      l_rec = objectives.reconstruction_loss(y_hat, mask, g, lsmtl.stop_gradient_target,
-                                             step.valid, lsmtl.detach_input)
+      per_batch = lsmtl.mask_per == "batch"
+      if on_hidden:
+        mask = objectives.sample_task_mask(step.mask_key, features.shape, lsmtl.mask_rate,
+                                           per_batch=per_batch)
+        l_rec = objectives.feature_reconstruction_loss(
+            features, y_hat, mask, g, lsmtl.stop_gradient_target, step.valid,
+            lsmtl.detach_input)
+      else:
+        mask = objectives.sample_task_mask(step.mask_key, y_hat.shape, lsmtl.mask_rate,
+                                           per_batch=per_batch)
+        shown_from = step.y if lsmtl.relation_input == "target" else None
+        l_rec = objectives.reconstruction_loss(y_hat, mask, g, lsmtl.stop_gradient_target,
+                                               step.valid, lsmtl.detach_input, shown_from)
     return l_task + rec_weight(lsmtl, state.step) * l_rec, (updates["batch_stats"], l_task,
                                                             l_rec)
 
