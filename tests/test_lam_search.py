@@ -176,3 +176,15 @@ def test_a_killed_auto_run_resumes_to_the_same_choice(auto, cache, tmp_path):
   resumed = _json(workdir, "results.json")
   assert resumed["lam_search"] == reference["lam_search"]
   assert resumed["splits"] == reference["splits"]
+
+
+@pytest.mark.parametrize("name", ["demo_table", "tuned_table", "paper_geo", "paper_gtex",
+                                  "regimes"])
+def test_experiment_plans_pin_lam_and_the_runner_refuses_auto(name, cache):
+  from lsmtl_jax import experiments
+  path = os.path.join(REPO, "configs", "experiments", f"{name}.py")
+  config = experiments._load_module(path).get_config()  # pylint: disable=protected-access
+  assert not config_lib.lam_is_auto(config_lib.resolve(config))
+  planned = experiments.plan(_tiny(cache), [{"method": "deep_lsmtl"}])
+  with pytest.raises(config_lib.ConfigError, match="lsmtl.lam is 'auto'"):
+    experiments.check_runs(planned)
