@@ -127,14 +127,6 @@ def regularizer_memory(num_targets: int, bottleneck: int) -> dict[str, Any]:
           "amtl_over_lsmtl": amtl_params / lsmtl_params}
 
 
-def _concrete_lam(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """lsmtl.lam = 'auto' times the step of its largest candidate: any lam > 0
-  builds the same bottleneck, so the step costs the same."""
-  if not config_lib.lam_is_auto(config):
-    return config
-  return config_lib.with_lam(config, max(config.lsmtl.lam_candidates))
-
-
 class StepBench:
   """A train state and its jitted step, built by build.build_network as training builds them.
 
@@ -144,7 +136,7 @@ class StepBench:
 
   def __init__(self, config: ml_collections.ConfigDict, num_landmarks: int, num_targets: int,
                seed: int = 0):
-    config = _concrete_lam(config_lib.resolve(config))
+    config = config_lib.concrete_lam(config_lib.resolve(config))
     config_lib.validate(config)
     self.config = config
     self.num_landmarks, self.num_targets = num_landmarks, num_targets
@@ -604,7 +596,7 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       and importlib.util.find_spec("torch") is None):
     raise BenchmarkError("--torch=on: torch is not installed (pip install -e '.[bench]'; the "
                          "CPU build suffices)")
-  config = _concrete_lam(config_lib.resolve(config))
+  config = config_lib.concrete_lam(config_lib.resolve(config))
   config_lib.validate(config)
   method = registry.get(config.method)
   if not method.is_network:

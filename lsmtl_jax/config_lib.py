@@ -83,6 +83,15 @@ def with_lam(config: Config, lam: float) -> Config:
   return ml_collections.ConfigDict(fields)
 
 
+def concrete_lam(config: Config) -> Config:
+  """`config`, or for an 'auto' one a copy at its largest candidate: what
+  builds and steps the same network (every lam > 0 builds the same bottleneck),
+  for shape checks and the step benchmark."""
+  if not lam_is_auto(config):
+    return config
+  return with_lam(config, max(config.lsmtl.lam_candidates))
+
+
 def set_field(config: Config, dotted: str, value: Any) -> None:
   """config[a][b]... = value for 'a.b...'; an unknown field is a ConfigError."""
   *path, leaf = dotted.split(".")
@@ -276,6 +285,7 @@ def lsr_head_problem(config: Config) -> str | None:
   method = registry.get(config.method)
   if not method.is_network:
     return None
+  config = concrete_lam(config)
   if config.model.trunk != "densenet":
     return (f"model.head_init=lsr needs the densenet trunk; method {method.name!r} runs "
             f"model.trunk={config.model.trunk!r}")

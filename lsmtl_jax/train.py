@@ -363,7 +363,8 @@ def _run_one(config, workdir: str, data: sources.Data, checked: dict[str, Any]) 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs config.method (and config.compare_with) on the configured dataset.
+  """Runs config.method (and config.compare_with) on the configured dataset;
+  with lsmtl.lam = 'auto', one run per lam candidate (lam_search.py).
 
   Returns the main method's results: the content of workdir/results.json, and
   for network methods the final training state under "state".
