@@ -5,6 +5,7 @@ the command line, e.g. `--config.model.hidden=512 --config.lsmtl.lam=0.5`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 # Configs sit above the package: they may use its API, the package never
 # imports them (it reads them as data through --config).
@@ -69,7 +70,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The masked-task bottleneck regularizer (docs/method.md, "Deep-LSMTL objective").
   config.lsmtl = ml_collections.ConfigDict()
-  config.lsmtl.lam = 0.1  # weight of L_rec; 0 gives the plain DenseNet
+  # Weight of L_rec (0 gives the plain DenseNet), or 'auto': one run per value
+  # of lam_candidates (WORKDIR/lam/<value>/, each resumable), and the one with
+  # the lowest validation MAE (ties: the smaller lam) becomes WORKDIR's run
+  # (docs/training.md, "lam = 'auto'"). 0 among the candidates makes the result
+  # never worse on validation than the same network without the term; 0.01
+  # and 0.1 are what validation chose in the regime study (docs/reproducing.md).
+  # A field of any type, so --config.lsmtl.lam=0.1 and =auto both parse.
+  config.lsmtl.lam = config_dict.FieldReference("auto", field_type=object)
+  config.lsmtl.lam_candidates = (0.0, 0.01, 0.1)
   config.lsmtl.bottleneck = 256  # k
   config.lsmtl.mask_rate = 0.1  # rho
   config.lsmtl.mask_per = "example"  # or 'batch'

@@ -136,7 +136,7 @@ class StepBench:
 
   def __init__(self, config: ml_collections.ConfigDict, num_landmarks: int, num_targets: int,
                seed: int = 0):
-    config = config_lib.resolve(config)
+    config = config_lib.concrete_lam(config_lib.resolve(config))
     config_lib.validate(config)
     self.config = config
     self.num_landmarks, self.num_targets = num_landmarks, num_targets
@@ -596,7 +596,7 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       and importlib.util.find_spec("torch") is None):
     raise BenchmarkError("--torch=on: torch is not installed (pip install -e '.[bench]'; the "
                          "CPU build suffices)")
-  config = config_lib.resolve(config)
+  config = config_lib.concrete_lam(config_lib.resolve(config))
   config_lib.validate(config)
   method = registry.get(config.method)
   if not method.is_network:

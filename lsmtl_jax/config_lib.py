@@ -54,12 +54,44 @@ def with_method_sections(config: Config) -> Config:
 # Fields added after configs were first saved in workdirs, with the value that
 # reproduces the behaviour from before they existed.
 _LATER_FIELDS = {"memory.limit_gb": 0.0, "data.max_train": 0, "data.calibration_fraction": 0.0,
+                 "lsmtl.lam_candidates": (0.0, 0.01, 0.1),
                  "lsmtl.detach_input": False,
                  "lsmtl.warmup_steps": 0, "lsmtl.relation_lr_scale": 1.0,
                  "lsmtl.relation_input": "prediction", "lsmtl.relation_on": "outputs",
                  "lsmtl.test_blend": False, "lsmtl.test_blend_weights": (0.0, 0.25, 0.5),
                  "model.head_init": "default", "train.measure_peak": True,
                  "data.require_external_eval": False}
+
+
+# lsmtl.lam: 'auto' (chosen on validation among lsmtl.lam_candidates) or a number.
+AUTO_LAM = "auto"
+# Fields that hold a string or a number: a value of the other kind replaces the
+# field rather than failing ml_collections' type check.
+_MIXED_FIELDS = ("lsmtl.lam",)
+
+
+def lam_is_auto(config: Config) -> bool:
+  """Whether this (resolved) run chooses lsmtl.lam on validation: a network
+  method whose lam is not fixed (Deep-LSMTL) with lsmtl.lam = 'auto'."""
+  return (config.lsmtl.lam == AUTO_LAM and config.method in registry.names()
+          and registry.get(config.method).is_network)
+
+
+def with_lam(config: Config, lam: float) -> Config:
+  """A copy of `config` with lsmtl.lam = lam (a number), e.g. one candidate of
+  an 'auto' run."""
+  fields = config.to_dict()
+  fields["lsmtl"]["lam"] = float(lam)
+  return ml_collections.ConfigDict(fields)
+
+
+def concrete_lam(config: Config) -> Config:
+  """`config`, or for an 'auto' one a copy at its largest candidate: what
+  builds and steps the same network (every lam > 0 builds the same bottleneck),
+  for shape checks and the step benchmark."""
+  if not lam_is_auto(config):
+    return config
+  return with_lam(config, max(config.lsmtl.lam_candidates))
 
 
 def set_field(config: Config, dotted: str, value: Any) -> None:
@@ -72,7 +104,13 @@ def set_field(config: Config, dotted: str, value: Any) -> None:
     node = node[part]
   if leaf not in node:
     raise ConfigError(f"config: no such field {dotted!r}")
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError:
+    if dotted not in _MIXED_FIELDS:
+      raise
+    del node[leaf]
+    node[leaf] = value
 
 
 def get_field(config: Config, dotted: str) -> Any:
@@ -134,7 +172,7 @@ def _checks(config: Config):
   yield m.hidden > 0, f"model.hidden must be positive, got {m.hidden}"
   yield m.depth >= 1, f"model.depth must be at least 1, got {m.depth}"
   yield 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}"
-  yield lsmtl.lam >= 0, f"lsmtl.lam must be >= 0, got {lsmtl.lam}"
+  yield from _lam_checks(lsmtl)
   yield lsmtl.bottleneck > 0, f"lsmtl.bottleneck must be positive, got {lsmtl.bottleneck}"
   yield 0 <= lsmtl.mask_rate < 1, f"lsmtl.mask_rate must be in [0, 1), got {lsmtl.mask_rate}"
   yield (config.optim.learning_rate > 0,
@@ -158,6 +196,22 @@ def _checks(config: Config):
   for other in config.compare_with:
     yield other in registry.names(), f"compare_with names unknown method {other!r}"
   yield from _variant_checks(config)
+
+
+def _is_weight(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 0)
+
+
+def _lam_checks(lsmtl):
+  lam = lsmtl.lam
+  yield (lam == AUTO_LAM or _is_weight(lam),
+         f"lsmtl.lam must be 'auto' or a number >= 0, got {lam!r}")
+  values = lsmtl.lam_candidates
+  ok = (isinstance(values, (tuple, list)) and len(values) > 0
+        and all(_is_weight(v) for v in values) and len(set(map(float, values))) == len(values))
+  yield ok, ("lsmtl.lam_candidates must be distinct numbers >= 0, at least one, got "
+             f"{values!r}")
 
 
 def _data_checks(config: Config):
@@ -250,6 +304,7 @@ def lsr_head_problem(config: Config) -> str | None:
   method = registry.get(config.method)
   if not method.is_network:
     return None
+  config = concrete_lam(config)
   if config.model.trunk != "densenet":
     return (f"model.head_init=lsr needs the densenet trunk; method {method.name!r} runs "
             f"model.trunk={config.model.trunk!r}")

@@ -720,6 +720,10 @@ def check_runs(planned: dict[str, dict]) -> None:
       config_lib.validate(config)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"run {name}: {e}") from None
+    if config_lib.lam_is_auto(config):  # a table would change with the default
+      raise config_lib.ConfigError(
+          f"run {name}: lsmtl.lam is 'auto'; experiment runs pin it (in the experiment config "
+          "or the run's overrides) or search it with 'tune'")
     data = (config.data.synthetic.enabled, config.data.path, config.data.val_path,
             config.data.test_path, config.data.train_split, config.data.val_split,
             config.data.test_split)  # what check_data looks at

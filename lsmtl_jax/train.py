@@ -32,6 +32,7 @@ from lsmtl_jax import checkpoints
 from lsmtl_jax import config_lib
 from lsmtl_jax import evaluation
 from lsmtl_jax import inference
+from lsmtl_jax import lam_search
 from lsmtl_jax import memory
 from lsmtl_jax import metrics
 from lsmtl_jax import parallel
@@ -396,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs config.method (and config.compare_with) on the configured dataset.
+  """Runs config.method (and config.compare_with) on the configured dataset;
+  with lsmtl.lam = 'auto', one run per lam candidate (lam_search.py).
 
   Returns the main method's results: the content of workdir/results.json, and
   for network methods the final training state under "state".
@@ -411,18 +413,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     sub = config_lib.resolve(sub)
     config_lib.validate(sub)
     runs.append((sub, os.path.join(workdir, "compare", other)))
+  plan = lam_search.expand(runs)  # lsmtl.lam = 'auto': one run per candidate
   data = sources.load_data(config)
   # Nothing is written to a workdir until every run has passed its checks, so
   # a refused run leaves a workdir (a finished run's included) as it was.
-  checked = [_preflight(c, w, data) for c, w in runs]
-  rows = [_run_one(c, w, data, k) for (c, w), k in zip(runs, checked)]
+  checked = [_preflight(c, w, data) for c, w in plan.runs]
+  rows = lam_search.execute(plan, lambda i: _run_one(*plan.runs[i], data, checked[i]),
+                            (NonFiniteError,))
   main = rows[0]
+  chosen = lam_search.summary(main["lam_search"]) if "lam_search" in main else ""
   if not config.compare_with:
+    if chosen and _is_writer():
+      print(chosen, flush=True)
     return main
-  table = results_lib.format_table([dict(r, method=registry.label(r["method"])) for r in rows])
+  table = results_lib.format_table([dict(r, method=lam_search.table_label(r)) for r in rows])
   if _is_writer():
-    results_lib.write_text_atomic(os.path.join(workdir, "comparison.md"), table + "\n")
+    results_lib.write_text_atomic(os.path.join(workdir, "comparison.md"),
+                                  table + "\n" + (f"\n{chosen}\n" if chosen else ""))
     test = data.eval_sets["test"]
     print(f"\nStandardized units, {test.dataset.num_targets} targets, "
-          f"{len(test.indices)} test profiles:\n{table}\n", flush=True)
+          f"{len(test.indices)} test profiles:\n{table}\n" + (f"{chosen}\n" if chosen else ""),
+          flush=True)
   return main

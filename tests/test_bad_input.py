@@ -74,7 +74,7 @@ MAIN_CASES = [
     ("negative width", ["--config.model.hidden=-3"], {}, "model.hidden must be positive"),
     ("negative depth", ["--config.model.depth=-1"], {}, "model.depth must be at least 1"),
     ("dropout", ["--config.model.dropout=1.0"], {}, "model.dropout must be in [0, 1)"),
-    ("negative lambda", ["--config.lsmtl.lam=-0.1"], {}, "lsmtl.lam must be >= 0"),
+    ("negative lambda", ["--config.lsmtl.lam=-0.1"], {}, "lsmtl.lam must be 'auto' or a number >= 0"),
     ("zero bottleneck", ["--config.lsmtl.bottleneck=0"], {}, "lsmtl.bottleneck must be positive"),
     ("unknown method", ["--config.method=magic"], {}, "method must be one of"),
     ("mask per", ["--config.lsmtl.mask_per=row"], {}, "lsmtl.mask_per must be"),

@@ -28,6 +28,7 @@ LSMTL = {**TRUNK, "model.dropout": 0.1, "lsmtl.lam": 0.1, "lsmtl.mask_rate": 0.1
 def get_config():
   config = demo.get_config()
   config.compare_with = ()
+  config.lsmtl.lam = 0.1  # pinned: the table's runs predate lsmtl.lam = 'auto'
   config.model.depth, config.model.hidden = 2, 256
   config.lsmtl.bottleneck = 128
   config.optim.learning_rate = 1e-3

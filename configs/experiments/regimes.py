@@ -36,6 +36,7 @@ TITLE = "Regime study: tuned Deep-LSMTL vs tuned lam = 0"
 
 def get_config():
   config = default.get_config()
+  config.lsmtl.lam = 0.1  # pinned (the default before 'auto'); the study searches lam itself
   config.data.synthetic.update(dict(num_samples=6400, num_landmarks=943, num_targets=2000))
   config.data.cache_dir = "~/.cache/lsmtl_jax"
   config.model.depth = 2
