@@ -5,17 +5,18 @@
 # targets, prepared per seed with a random split and with split.group_by=donor;
 # each method trained on each with the same seed. Prints the table.
 #
-#   nice bash configs/experiments/grouped_splits.sh WORKDIR "0 1 2"
+#   nice bash configs/experiments/grouped_splits.sh WORKDIR "0 1 2" [GROUP_EFFECT]
 #
 # About 100 s per split kind and seed on 2 shared CPU cores.
 set -euo pipefail
-work=${1:?usage: grouped_splits.sh WORKDIR [SEEDS]}
+work=${1:?usage: grouped_splits.sh WORKDIR [SEEDS] [GROUP_EFFECT]}
 seeds=${2:-0 1 2}
+effect=${3:-0.5}  # sd of the donor offsets; a fresh WORKDIR for another
 mkdir -p "$work"
 if [ ! -f "$work/donors.gctx" ]; then
   python -m lsmtl_jax.data.synthetic_gctx --out="$work/donors.gctx" --samples=2000 \
     --probes=4000 --write_maps="$work/maps" --landmarks=943 --targets=1000 \
-    --duplicate_fraction=0 --group_size=10 --group_effect=0.5 --seed=0
+    --duplicate_fraction=0 --group_size=10 --group_effect="$effect" --seed=0
 fi
 net=(--config=configs/demo.py --config.data.synthetic.enabled=false
      --config.model.hidden=256 --config.lsmtl.bottleneck=64 --config.train.num_epochs=30

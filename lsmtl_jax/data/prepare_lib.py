@@ -12,7 +12,8 @@ Steps (docs/data.md, "The D-GEX preparation", with the original's defects fixed)
    test), or their samples dropped.
 3. Duplicate samples: mini-batch k-means then the within-cluster distance rule
    (`dedup.py`), seeded.
-4. A seeded split (80/10/10), or the whole dataset as one split.
+4. A seeded split (80/10/10), whole groups of samples per split (`groups.py`,
+   split.group_by), or the whole dataset as one split.
 5. Quantile normalization to the mean sorted profile of the *training* rows
    (one streaming pass), ties sharing the mean of their ranks' reference
    values; or, for another platform, by rank onto a stored reference.
