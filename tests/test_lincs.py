@@ -131,6 +131,35 @@ def test_prepare_takes_flagged_rows_in_file_order_with_entrez_ids_and_symbols(li
   np.testing.assert_allclose(ds.array.read().result(), expected, atol=2e-5)
 
 
+def test_replicates_of_a_perturbation_stay_in_one_split(lincs, tmp_path):
+  """group_by=pert_id from /0/META/COL, and from an inst_info table for a GCTx
+  that carries only the ids (as on GEO): the same split, and its training rows
+  alone fit the normalization."""
+  values, rows, cols = lincs["values"], lincs["rows"], lincs["cols"]
+  ds = prepare_lib.prepare(_config(lincs["data"], tmp_path / "by_pert",
+                                   **{"split.group_by": "pert_id"}), log=_quiet)
+  split_of = {}
+  for name in ("train", "val", "test"):
+    for r in ds.split(name):
+      assert split_of.setdefault(cols["pert_id"][r], name) == name
+  assert len(split_of) == 17
+  groups_rep = ds.meta["preprocessing"]["split"]["groups"]
+  assert sum(groups_rep["num_groups"].values()) == 17
+  lm, tg = np.flatnonzero(rows["pr_is_lm"] == 1), np.flatnonzero(rows["pr_is_lm"] == 0)
+  expected, _ = _standardized_f64(values, np.concatenate([lm, tg]), ds.split("train"))
+  np.testing.assert_allclose(ds.array.read().result(), expected, atol=2e-5)
+
+  bare = tmp_path / "ids_only.gctx"
+  write_lincs(bare, values, rows, {"id": cols["id"]})
+  info = tmp_path / "GSE92742_Broad_LINCS_inst_info.txt"
+  info.write_text("inst_id\trna_plate\tpert_id\tcell_id\n" + "".join(
+      f"{i}\t{i.split(':')[0]}\t{p}\t{c}\n"
+      for i, p, c in zip(cols["id"], cols["pert_id"], cols["cell_id"])))
+  from_table = prepare_lib.prepare(_config(bare, tmp_path / "by_table", **{
+      "split.group_by": "pert_id", "split.sample_table": str(info)}), log=_quiet)
+  assert from_table.meta["splits"] == ds.meta["splits"]
+
+
 def test_id_field_target_flag_and_a_gene_info_table(lincs, tmp_path):
   values, rows, cols, ds = lincs["values"], lincs["rows"], lincs["cols"], lincs["ds"]
   # Entrez ids from pr_gene_id (integers) give the row ids' dataset, bit for bit.

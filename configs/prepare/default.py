@@ -84,4 +84,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.split = ml_collections.ConfigDict()
   config.split.mode = "random"  # or 'train', 'val', 'test': the whole dataset as that split
   config.split.fractions = (0.8, 0.1, 0.1)
+  # Group-aware split (lsmtl_jax/data/groups.py, docs/data.md "Grouped splits"): the
+  # samples sharing this per-sample field's value (donor, GEO series, plate,
+  # perturbation) land in one split only; whole groups meet the fractions as closely
+  # as they allow. '' = the plain random split above. The field is read from the
+  # input (GCTx /0/META/COL, GCT 1.3 column rows, h5ad obs, ARCHS4 /meta/samples)
+  # or from sample_table. A missing value makes its sample a group of its own.
+  config.split.group_by = ""
+  # A table beside any input (CSV/npy too): header row, tab-separated (comma for
+  # .csv); sample_id_column ('' = the first column) holds the data's sample ids,
+  # matched exactly; every sample needs a row, extra rows are ignored.
+  config.split.sample_table = ""
+  config.split.sample_id_column = ""
   return config

@@ -12,7 +12,8 @@ Steps (docs/data.md, "The D-GEX preparation", with the original's defects fixed)
    test), or their samples dropped.
 3. Duplicate samples: mini-batch k-means then the within-cluster distance rule
    (`dedup.py`), seeded.
-4. A seeded split (80/10/10), or the whole dataset as one split.
+4. A seeded split (80/10/10), whole groups of samples per split (`groups.py`,
+   split.group_by), or the whole dataset as one split.
 5. Quantile normalization to the mean sorted profile of the *training* rows
    (one streaming pass), ties sharing the mean of their ranks' reference
    values; or, for another platform, by rank onto a stored reference.
@@ -47,6 +48,7 @@ from lsmtl_jax import workdir_lock
 from lsmtl_jax.data import dedup
 from lsmtl_jax.data import formats
 from lsmtl_jax.data import gene_flags
+from lsmtl_jax.data import groups
 from lsmtl_jax.data import store
 from lsmtl_jax.data import synthetic
 from lsmtl_jax.data.formats import PrepareError
@@ -436,7 +438,8 @@ def _prepare_held(cfg, out: str, t0: float, log: Callable[[str], None]) -> store
   for role, p in (("landmark_map", cfg.genes.landmark_map), ("target_map", cfg.genes.target_map),
                   ("landmark_ids", cfg.genes.landmark_ids), ("target_ids", cfg.genes.target_ids),
                   ("gene_info", cfg.genes.gene_info), ("gene_ids", cfg.input.gene_ids),
-                  ("sample_ids", cfg.input.sample_ids)):
+                  ("sample_ids", cfg.input.sample_ids),
+                  ("sample_table", cfg.split.get("sample_table", ""))):
     if p:
       inputs.append((role, p))
   if reference_meta is not None:
@@ -462,6 +465,7 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
   if n == 0:
     raise PrepareError(f"{matrix.path}: no samples")
   log(f"{matrix.path}: {n} samples x {matrix.num_genes} columns")
+  grouping = groups.read_labels(cfg.split, matrix)  # before the passes: errors come early
   sel = select_genes(cfg, matrix, reference_meta)
   log(f"genes: {len(sel.landmarks)} landmarks, {len(sel.targets)} targets "
       f"({len(sel.report['landmarks_lost'])} landmarks and {len(sel.report['targets_lost'])} "
@@ -579,7 +583,12 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
     raise PrepareError(f"{matrix.path}: empty dataset: no samples left after filtering")
 
   # Split over the dataset's rows (the kept input rows, in input order).
-  if cfg.split.mode == "random":
+  group_report = None
+  if grouping is not None:
+    splits, group_report = groups.split(grouping[0][rows], grouping[1],
+                                        tuple(cfg.split.fractions), cfg.seed)
+    log(f"split by {group_report['field']}: groups per split {group_report['num_groups']}")
+  elif cfg.split.mode == "random":
     splits = synthetic.split_indices(len(rows), tuple(cfg.split.fractions), cfg.seed)
     empty = [k for k, v in splits.items() if len(v) == 0 and
              cfg.split.fractions[_SPLITS.index(k)] > 0]
@@ -666,7 +675,7 @@ def _prepare_open(cfg, matrix, reference_meta, inputs, out, t0, log) -> store.Da
           "copy_targets": copy_report,
           "dedup": dedup_report,
           "split": {"mode": cfg.split.mode, "fractions": list(cfg.split.fractions),
-                    "seed": cfg.seed},
+                    "seed": cfg.seed, **({"groups": group_report} if group_report else {})},
           "quantile_normalization": (
               "by rank onto the reference dataset's quantile reference" if reference_meta
               else "to the mean sorted profile of the training split") +

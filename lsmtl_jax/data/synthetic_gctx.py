@@ -10,6 +10,15 @@ averaging and landmark -> target regression mean something. A gene's signal
 is a nonlinear function of a few latent programs. A fraction of samples are
 near copies (distance well under 1.0) of an earlier sample in their block,
 for the duplicate removal to find. Values are log2-like, in about 2-16.
+
+With `group_size` R > 0 the samples come in groups of R consecutive samples
+(donors, GEO series) named in the column field `donor` (D0, D1, ...), and each
+group adds its own offset to every gene: N(0, group_effect^2) per mapped gene
+(shared by the gene's probes), independent across genes and groups. A target's
+offset is thus not a function of the landmarks' in general, only recognisable
+through the group: a model can learn it from other samples of the group and
+nothing else, which is what a random split lets it do and a grouped one does
+not. group_effect is in log2 units (the gene signal's sd is about 1.2-1.5).
 """
 
 from __future__ import annotations
@@ -74,7 +83,8 @@ def write_maps(directory: str, probes: Sequence[str], num_landmarks: int, num_ta
 def generate_gctx(path: str, num_samples: int, probes: Sequence[str],
                   gene_probes: Sequence[Sequence[str]] = (), seed: int = 0,
                   duplicate_fraction: float = 0.02, num_programs: int = 16,
-                  block_rows: int = 1000, chunk_rows: int | None = None) -> None:
+                  block_rows: int = 1000, chunk_rows: int | None = None,
+                  group_size: int = 0, group_effect: float = 0.5) -> None:
   num_probes = len(probes)
   rng = np.random.default_rng([seed, 22])
   # Each probe reads one "unit": its mapped gene's, or its own when unmapped.
@@ -93,6 +103,7 @@ def generate_gctx(path: str, num_samples: int, probes: Sequence[str],
   scale = rng.uniform(0.4, 1.2, num_probes).astype(np.float32)
   noise = np.exp(rng.normal(np.log(0.15), 0.4, num_probes)).astype(np.float32)
   centres = rng.normal(0, 1, (12, num_programs)).astype(np.float32)
+  group = np.arange(num_samples) // group_size if group_size > 0 else None
 
   def blocks():
     for b, start in enumerate(range(0, num_samples, block_rows)):
@@ -102,6 +113,8 @@ def generate_gctx(path: str, num_samples: int, probes: Sequence[str],
           (rows, num_programs), dtype=np.float32)
       signal = z @ w_lin + np.tanh(z @ w_sat)
       x = base + scale * signal[:, unit]
+      if group is not None:
+        x += _group_offsets(seed, group[start:start + rows], num_units, group_effect)[:, unit]
       x += noise * r.standard_normal(x.shape, dtype=np.float32)
       # Near copies of earlier samples of the block (technical replicates).
       num_dup = int(round(duplicate_fraction * rows))
@@ -112,7 +125,19 @@ def generate_gctx(path: str, num_samples: int, probes: Sequence[str],
       yield np.clip(x, 2.0, 16.0)
 
   sample_ids = [f"GSM{1000000 + i}" for i in range(num_samples)]
-  formats.write_gctx(path, blocks(), sample_ids, list(probes), chunk_rows=chunk_rows)
+  col_meta = {"donor": [f"D{g}" for g in group]} if group is not None else None
+  formats.write_gctx(path, blocks(), sample_ids, list(probes), chunk_rows=chunk_rows,
+                     col_meta=col_meta)
+
+
+def _group_offsets(seed: int, group: np.ndarray, num_units: int, sd: float) -> np.ndarray:
+  """Per sample, its group's offset per unit; a group's draw depends on its id
+  only, so a group spanning two blocks gets one offset."""
+  out = np.empty((len(group), num_units), np.float32)
+  for g in np.unique(group):
+    r = np.random.default_rng([seed, 24, int(g)])
+    out[group == g] = sd * r.standard_normal(num_units, dtype=np.float32)
+  return out
 
 
 FLAGS = flags.FLAGS
@@ -129,6 +154,8 @@ def _define_flags():
   flags.DEFINE_integer("landmarks", 943, "Landmarks in generated maps.")
   flags.DEFINE_integer("targets", 9520, "Targets in generated maps.")
   flags.DEFINE_float("duplicate_fraction", 0.02, "Fraction of samples that are near copies.")
+  flags.DEFINE_integer("group_size", 0, "Samples per group (donor); 0: no groups.")
+  flags.DEFINE_float("group_effect", 0.5, "Sd of a group's per-gene offset (log2 units).")
   flags.DEFINE_integer("chunk_rows", 0, "HDF5 chunk rows (0: cmapPy's default chunking).")
   flags.DEFINE_integer("seed", 0, "Seed.")
 
@@ -147,7 +174,8 @@ def main(argv):
     gene_probes = read_map_probes(paths[0]) + read_map_probes(paths[1])
     print("maps:", *paths)
   generate_gctx(FLAGS.out, FLAGS.samples, probes, gene_probes, FLAGS.seed,
-                FLAGS.duplicate_fraction, chunk_rows=FLAGS.chunk_rows or None)
+                FLAGS.duplicate_fraction, chunk_rows=FLAGS.chunk_rows or None,
+                group_size=FLAGS.group_size, group_effect=FLAGS.group_effect)
   print(f"wrote {FLAGS.out}: {FLAGS.samples} samples x {len(probes)} probes "
         f"({os.path.getsize(FLAGS.out) / 2**20:.0f} MB)")
 
