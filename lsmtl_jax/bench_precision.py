@@ -110,6 +110,10 @@ def run_suite(config, sizes: Sequence[Size], num_landmarks: int, num_targets: in
            **measure_pair(pair, repeats, block_seconds)}
     row["peak_device_bytes"] = stepbench.peak_device_memory()
     rows.append(row)
+    q = row["bf16_over_fp32_step"]
+    log(f"precision: {size.label}: fp32 {1e3 * row['float32']['step_s']['median']:.1f} ms, "
+        f"bf16 {1e3 * row['bfloat16']['step_s']['median']:.1f} ms, bf16/fp32 "
+        f"{q['median']:.2f} ({q['min']:.2f}-{q['max']:.2f})")
     del pair
   device = jax.devices()[0]
   return {"suite": "precision", "backend": jax.default_backend(),

@@ -108,10 +108,15 @@ def auto_dtype(platform: str) -> str:
   return AUTO_DTYPE.get(platform, "float32")
 
 
+def matmul_dtype(dtype: str) -> str:
+  """model.dtype as a dtype name; 'auto' (a config not resolved) by the platform."""
+  return auto_dtype(jax.default_backend()) if dtype == "auto" else dtype
+
+
 _CHOICES = {
     "model.trunk": ("densenet", "mlp"),
     "model.activation": ("tanh", "relu", "leaky_relu", "sigmoid", "gelu", "elu", "silu"),
-    "model.dtype": ("float32", "bfloat16"),  # "auto" is resolved by `resolve`
+    "model.dtype": ("auto", "float32", "bfloat16"),  # "auto": by platform, in `resolve`
     "lsmtl.mask_per": ("example", "batch"),
     "model.head_init": ("default", "lsr"),
     "loss.task": ("mse", "mae"),
