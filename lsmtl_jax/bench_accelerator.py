@@ -35,7 +35,6 @@ from typing import Any, Callable
 from absl import flags
 import jax
 import ml_collections
-import numpy as np
 
 import lsmtl_jax
 from lsmtl_jax import bench_plan

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import pytest
 
 from lsmtl_jax import bench_accelerator
