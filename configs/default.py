@@ -62,7 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.negative_slope = 0.2  # LeakyReLU slope in the DenseNet blocks
   config.model.batch_norm = True
   config.model.activation = "tanh"  # MLP trunk only
-  config.model.dtype = "float32"  # matmul dtype; parameters stay float32
+  # Matmul dtype (parameters stay float32): 'auto' = bfloat16 on GPU and TPU,
+  # float32 on CPU, where bfloat16 measured slower (docs/performance.md).
+  config.model.dtype = "auto"
   # 'lsr': start the head from the closed-form ridge solution (lsr.ridge, on the
   # training rows): kernel rows of the raw landmarks = W, the others 0, bias = b,
   # so the untrained network predicts what LSR does. DenseNet trunk only.

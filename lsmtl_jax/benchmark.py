@@ -49,7 +49,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -60,20 +59,19 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 import lsmtl_jax
+from lsmtl_jax import bench_accelerator
 from lsmtl_jax import parallel
 from lsmtl_jax import perf
-from lsmtl_jax import build
+from lsmtl_jax import stepbench
 from lsmtl_jax import config_lib
 from lsmtl_jax import fileio
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
 from lsmtl_jax.data import store
-from lsmtl_jax.methods import deep_lsmtl
 from lsmtl_jax.methods import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(lsmtl_jax.__file__)))
@@ -90,30 +88,13 @@ class BenchmarkError(RuntimeError):
   """A benchmark that cannot run as asked; the message names the flag or field."""
 
 
-def tree_bytes(tree) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def peak_device_memory() -> int | None:
-  """peak_bytes_in_use of the first device, or None where the backend has no stats."""
-  try:
-    stats = jax.devices()[0].memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if not stats:
-    return None
-  return stats.get("peak_bytes_in_use")
-
-
-def host_peak_rss() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def num_threads() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
+# The step timer and the memory readers live in stepbench (the accelerator
+# check uses them too); importable from here as before.
+StepBench = stepbench.StepBench
+tree_bytes = stepbench.tree_bytes
+peak_device_memory = stepbench.peak_device_memory
+host_peak_rss = stepbench.host_peak_rss
+num_threads = stepbench.num_threads
 
 
 def regularizer_memory(num_targets: int, bottleneck: int) -> dict[str, Any]:
@@ -125,69 +106,6 @@ def regularizer_memory(num_targets: int, bottleneck: int) -> dict[str, Any]:
           "lsmtl_params": lsmtl_params, "lsmtl_bytes_with_adam": 3 * 4 * lsmtl_params,
           "amtl_params": amtl_params, "amtl_bytes_with_adam": 3 * 4 * amtl_params,
           "amtl_over_lsmtl": amtl_params / lsmtl_params}
-
-
-class StepBench:
-  """A train state and its jitted step, built by build.build_network as training builds them.
-
-  `block(steps)` runs `steps` donated steps and returns seconds per step, after
-  block_until_ready on the state and metrics.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, num_landmarks: int, num_targets: int,
-               seed: int = 0):
-    config = config_lib.concrete_lam(config_lib.resolve(config))
-    config_lib.validate(config)
-    self.config = config
-    self.num_landmarks, self.num_targets = num_landmarks, num_targets
-    self.batch_size = config.train.batch_size
-    network = build.build_network(config, num_landmarks, num_targets)
-    self.mesh = mesh = network.mesh
-    self.padded_targets = network.num_padded
-    self.has_relation = bool(network.extras.get(deep_lsmtl.TASK_RELATION))
-    init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    self.state, shardings = network.create_state(init_key, build.create_optimizer(config, 10_000))
-    self.step_fn = network.train_step(shardings, base_key)
-    rng = np.random.default_rng(seed)
-    host = {"x": rng.standard_normal((self.batch_size, num_landmarks), np.float32),
-            "y": rng.standard_normal((self.batch_size, num_targets), np.float32)}
-    self.batch = parallel.Placement(mesh).put(host, self.batch_size)
-    self.compile_seconds = None
-    self.last_metrics = None
-
-  @property
-  def param_bytes(self) -> int:
-    return tree_bytes(self.state.params)
-
-  @property
-  def opt_state_bytes(self) -> int:
-    return tree_bytes(self.state.opt_state)
-
-  @property
-  def relation_param_bytes(self) -> int:
-    return tree_bytes(self.state.params.get(deep_lsmtl.TASK_RELATION, {}))
-
-  def flops_per_example(self) -> int:
-    k = self.config.lsmtl.bottleneck if self.has_relation else 0
-    return perf.train_flops_per_example(self.config.model, self.num_landmarks, self.num_targets,
-                                        k)
-
-  def warmup(self, steps: int = 2) -> None:
-    start = time.perf_counter()
-    self.block(1)
-    self.compile_seconds = time.perf_counter() - start
-    if steps > 1:
-      self.block(steps - 1)
-
-  def block(self, steps: int) -> float:
-    state = self.state
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = self.step_fn(state, self.batch)
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - start) / steps
-    self.state, self.last_metrics = state, metrics
-    return seconds
 
 
 def run_torch_peer(script: str, *, hidden: int, depth: int, batch: int, bottleneck: int,
@@ -527,8 +445,11 @@ def _define_flags():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "demo.py"),
                                   "Model/training config (as for training).", lock_config=True)
-  flags.DEFINE_enum("suite", "", ["", "issue6"],
-                    "issue6: demo size and 3 x 3,000 vs PyTorch, lam=0, loaders, MFU.")
+  flags.DEFINE_enum("suite", "", ["", "issue6", "precision", "accelerator"],
+                    "issue6: demo size and 3 x 3,000 vs PyTorch, lam=0, loaders, MFU; "
+                    "precision: bf16 vs fp32 step; accelerator: the prepared device check "
+                    "(lsmtl_jax/bench_accelerator.py).")
+  bench_accelerator.define_flags()
   flags.DEFINE_integer("repeats", 5, "Timed blocks per measurement (interleaved).")
   flags.DEFINE_integer("steps", 5, "Steps per timed block.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first compiles).")
@@ -736,6 +657,8 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
+  if FLAGS.suite in ("precision", "accelerator"):
+    sys.exit(bench_accelerator.main_suite(FLAGS.suite, FLAGS.config))
   try:
     report = run(FLAGS.config)
   except (BenchmarkError, config_lib.ConfigError, parallel.MeshError, store.DatasetError,

@@ -123,8 +123,8 @@ class Network:
     regressor, extras = self.regressor, self.extras
     num_targets = self.num_padded if padded else self.num_targets
     if not padded:
-      regressor, extras = self.method.build(self.config, num_targets,
-                                            jnp.dtype(self.config.model.dtype))
+      dtype = jnp.dtype(config_lib.matmul_dtype(self.config.model.dtype))
+      regressor, extras = self.method.build(self.config, num_targets, dtype)
     shapes = jax.eval_shape(lambda: init_variables(
         jax.random.PRNGKey(0), regressor, dict(extras), self.num_landmarks, num_targets)[0])
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(
@@ -213,7 +213,8 @@ def build_network(config, num_landmarks: int, num_targets: int,
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   num_padded = parallel.padded_targets(num_targets, config.mesh.target_multiple,
                                        mesh.shape["model"])
-  regressor, extras = method.build(config, num_padded, jnp.dtype(config.model.dtype))
+  dtype = jnp.dtype(config_lib.matmul_dtype(config.model.dtype))
+  regressor, extras = method.build(config, num_padded, dtype)
   return Network(config=config, method=method, mesh=mesh, num_landmarks=num_landmarks,
                  num_targets=num_targets, num_padded=num_padded, regressor=regressor,
                  extras=dict(extras))

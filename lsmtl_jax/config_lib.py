@@ -129,13 +129,34 @@ def resolve(config: Config) -> Config:
     raise ConfigError(f"config: {e.args[0]}") from None
   for dotted, value in method.fixed.items():
     set_field(config, dotted, value)
+  if config.model.dtype == "auto":
+    config.model.dtype = auto_dtype(jax.default_backend())
   return config
+
+
+# model.dtype='auto' by platform (docs/performance.md, "Mixed precision,
+# measured"): GPU and TPU run bfloat16 matmuls at 2x (tensor cores) or more
+# the float32 rate; this CPU measured bfloat16 slower than float32, so CPU
+# keeps float32. Resolved here, so a run's config.json and fingerprint hold
+# the dtype it actually trained in.
+AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16",
+              "tpu": "bfloat16"}
+
+
+def auto_dtype(platform: str) -> str:
+  """The matmul dtype model.dtype='auto' resolves to on `platform`."""
+  return AUTO_DTYPE.get(platform, "float32")
+
+
+def matmul_dtype(dtype: str) -> str:
+  """model.dtype as a dtype name; 'auto' (a config not resolved) by the platform."""
+  return auto_dtype(jax.default_backend()) if dtype == "auto" else dtype
 
 
 _CHOICES = {
     "model.trunk": ("densenet", "mlp"),
     "model.activation": ("tanh", "relu", "leaky_relu", "sigmoid", "gelu", "elu", "silu"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16"),  # "auto": by platform, in `resolve`
     "lsmtl.mask_per": ("example", "batch"),
     "lsmtl.relation_input": ("prediction", "target"),
     "lsmtl.relation_on": ("outputs", "hidden"),

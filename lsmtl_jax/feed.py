@@ -117,7 +117,7 @@ class _Step:
   """The train step as training builds it, on one fixed batch on the devices."""
 
   def __init__(self, config, num_landmarks: int, num_targets: int):
-    config = config_lib.resolve(config)
+    config = config_lib.concrete_lam(config_lib.resolve(config))
     network = build.build_network(config, num_landmarks, num_targets)
     init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
     self.state, shardings = network.create_state(init_key, build.create_optimizer(config, 1000))

@@ -53,6 +53,39 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
   return 2 * size**3 / best
 
 
+# Vendor peaks per chip (dense, no sparsity), FLOP/s and HBM bytes/s, matched
+# on jax's device_kind (lower case, first match wins, so the specific names
+# come first). "float32" is what a float32 matmul gets under JAX's default
+# precision: TF32 tensor cores on NVIDIA Ampere and later, bf16 passes on TPU
+# (so there the bf16 peak); the measured matmul peak is reported beside it.
+KNOWN_PEAKS = (
+    # (match, name, bfloat16, float32, hbm bytes/s, hbm bytes)
+    ("h100 pcie", "H100 PCIe", 756e12, 378e12, 2.0e12, 80e9),
+    ("h100 nvl", "H100 NVL", 835e12, 418e12, 3.9e12, 94e9),
+    ("h100", "H100 SXM", 989e12, 495e12, 3.35e12, 80e9),
+    ("h200", "H200", 989e12, 495e12, 4.8e12, 141e9),
+    ("a100", "A100 SXM", 312e12, 156e12, 2.0e12, 80e9),
+    ("v5 lite", "TPU v5e", 197e12, 197e12, 0.82e12, 16e9),
+    ("v5e", "TPU v5e", 197e12, 197e12, 0.82e12, 16e9),
+    ("v6 lite", "TPU v6e", 918e12, 918e12, 1.64e12, 32e9),
+    ("v6e", "TPU v6e", 918e12, 918e12, 1.64e12, 32e9),
+    ("v5p", "TPU v5p", 459e12, 459e12, 2.76e12, 95e9),
+    ("tpu v5", "TPU v5p", 459e12, 459e12, 2.76e12, 95e9),
+    ("tpu v4", "TPU v4", 275e12, 275e12, 1.2e12, 32e9),
+)
+
+
+def known_peak(device_kind: str) -> dict | None:
+  """{'name', 'bfloat16', 'float32', 'hbm_bytes_per_s', 'hbm_bytes'} for a
+  device_kind in KNOWN_PEAKS, else None (a CPU, or a chip not listed)."""
+  kind = device_kind.lower()
+  for match, name, bf16, f32, bandwidth, hbm in KNOWN_PEAKS:
+    if match in kind:
+      return {"name": name, "bfloat16": bf16, "float32": f32, "hbm_bytes_per_s": bandwidth,
+              "hbm_bytes": hbm}
+  return None
+
+
 ROLLED_THREEFRY_ENV = "LSMTL_JAX_ROLLED_THREEFRY"
 
 

@@ -22,7 +22,8 @@ def test_script_is_valid_shell(script):
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("script", ["local.sh", "local_multiprocess.sh", "tpu_vm.sh"])
+@pytest.mark.parametrize("script", ["local.sh", "local_multiprocess.sh", "tpu_vm.sh",
+                                    "accelerator_check.sh"])
 def test_missing_arguments_print_usage(script):
   proc = subprocess.run(["bash", os.path.join(REPO, "launch", script)], capture_output=True,
                         text=True)
