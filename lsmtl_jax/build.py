@@ -206,7 +206,10 @@ def with_lsr_head(state: steps.TrainState, network: Network, weights, bias) -> s
 def build_network(config, num_landmarks: int, num_targets: int,
                   mesh: jax.sharding.Mesh | None = None) -> Network:
   """The network of a resolved config; the head is padded so the mesh's
-  'model' axis divides it."""
+  'model' axis divides it. An 'auto' lam builds its largest candidate's network
+  (every lam > 0 builds the same one): training expands 'auto' into one run per
+  candidate first (lam_search.py), so only shape checks and benchmarks see it."""
+  config = config_lib.concrete_lam(config)
   method = registry.get(config.method)
   if not method.is_network:
     raise ValueError(f"{method.label} is not a network method")

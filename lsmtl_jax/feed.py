@@ -52,6 +52,7 @@ from lsmtl_jax import build
 from lsmtl_jax import cli
 from lsmtl_jax import config_lib
 from lsmtl_jax import parallel
+from lsmtl_jax import perf
 from lsmtl_jax import resident
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import store
@@ -203,10 +204,22 @@ def measure(dataset: store.Dataset, step_config, repeats: int, steps: int, batch
           "columns": dataset.num_landmarks + dataset.num_targets, "batch_size": batch_size,
           "steps": steps, "repeats": repeats, "backend": jax.default_backend(),
           "devices": jax.device_count(),
+          "paper_step_need": paper_step_need(),
           "step_config": {"hidden": step_config.model.hidden, "depth": step_config.model.depth,
                           "batch_size": step_config.train.batch_size,
                           "landmarks": step_config.data.synthetic.num_landmarks,
                           "targets": step_config.data.synthetic.num_targets}}
+
+
+def paper_step_need(share: float = 0.4, chip: str = "h100") -> dict:
+  """Examples/s the paper's step (3 x 9,000 DenseNet, 943 -> 9,520, the k = 256
+  bottleneck) consumes on one accelerator at `share` of its bf16 dense peak:
+  the rate a feed must reach for that device never to wait."""
+  peak = perf.known_peak(chip)
+  model = ml_collections.ConfigDict({"trunk": "densenet", "depth": 3, "hidden": 9000})
+  flops = perf.train_flops_per_example(model, GEO_LANDMARKS, GEO_TARGETS, 256)
+  return {"device": peak["name"], "share_of_bf16_peak": share,
+          "flops_per_example": flops, "examples_per_s": share * peak["bfloat16"] / flops}
 
 
 def format_report(report: dict) -> str:
@@ -223,6 +236,12 @@ def format_report(report: dict) -> str:
     lines.append(f"  {what:<50} {s['median']:>9,.0f} examples/s "
                  f"({s['min']:,.0f}-{s['max']:,.0f}), "
                  f"{report['cpu_ms_per_batch'][name]['median']:.1f} CPU-ms per batch")
+  need = report.get("paper_step_need")
+  if need:
+    lines.append(f"  {'needed: the 3 x 9,000 step on one ' + need['device']:<50} "
+                 f"{need['examples_per_s']:>9,.0f} examples/s "
+                 f"(at {100 * need['share_of_bf16_peak']:.0f} % of its bf16 peak, "
+                 f"{need['flops_per_example'] / 1e9:.2f} GFLOP per example)")
   return "\n".join(lines)
 
 
