@@ -61,6 +61,9 @@ def define_flags() -> None:
                     "nothing.")
   flags.DEFINE_string("assume_device", "", "accelerator --dry_run: plan for this device_kind "
                       "(e.g. H100, H200, 'TPU v5 lite') instead of the one found.")
+  flags.DEFINE_integer("assume_host_cores", 0, "accelerator --dry_run: plan for a host with "
+                       "this many CPU cores (the lent H100/H200 machines have 16) instead of "
+                       "this one's.")
   flags.DEFINE_bool("toy", False, "accelerator: toy sizes (the machinery in seconds on a CPU).")
   flags.DEFINE_string("markdown", "", "accelerator: the Markdown report (default: --out with "
                       ".md).")
@@ -192,7 +195,8 @@ def paper_config(config, sizes: bench_plan.Sizes, scratch: str) -> ml_collection
 GENERATE = """
 import json, sys
 from lsmtl_jax.data import synthetic
-synthetic.cached(synthetic.SyntheticSpec(**json.loads(sys.argv[1])), sys.argv[2])
+synthetic.cached(synthetic.SyntheticSpec(**json.loads(sys.argv[1])), sys.argv[2],
+                 workers=int(sys.argv[3]))
 """
 
 
@@ -205,7 +209,8 @@ class Generation:
     fields.pop("enabled")
     self.started = time.perf_counter()
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", GENERATE, json.dumps(fields), config.data.cache_dir], cwd=REPO,
+        [sys.executable, "-c", GENERATE, json.dumps(fields), config.data.cache_dir,
+         str(bench_plan.generator_workers())], cwd=REPO,
         env=child_env("cpu"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
   def wait(self, timeout: float) -> dict[str, Any]:
@@ -444,6 +449,8 @@ def sizes_from_flags() -> bench_plan.Sizes:
                               block_seconds=(0.05 if FLAGS.toy else 0.5))
   if FLAGS.predict_profiles >= 0:
     sizes = dataclasses.replace(sizes, predict_profiles=FLAGS.predict_profiles)
+  if FLAGS.assume_host_cores:
+    sizes = dataclasses.replace(sizes, host_cores=FLAGS.assume_host_cores)
   return sizes
 
 
