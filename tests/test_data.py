@@ -317,9 +317,9 @@ def test_a_cache_another_run_fills_first_is_used(tmp_path, monkeypatch):
   # one that finds it written when its own write is refused opens that one.
   real_generate = synthetic.generate
 
-  def another_run_finishes_first(spec, path):
-    real_generate(spec, path)  # the other run
-    return real_generate(spec, path)  # ours: refused, the dataset now exists
+  def another_run_finishes_first(spec, path, workers=1):
+    real_generate(spec, path, workers)  # the other run
+    return real_generate(spec, path, workers)  # ours: refused, the dataset now exists
 
   monkeypatch.setattr(synthetic, "generate", another_run_finishes_first)
   ds = synthetic.cached(TINY_SPEC, str(tmp_path))

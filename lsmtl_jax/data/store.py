@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -397,17 +398,22 @@ def write_dataset(path: str, blocks: Iterable[np.ndarray], num_samples: int,
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   remove_abandoned(path)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(temp_name(path, "-")), dir=parent)
-  try:
+  writing = None
+  try:  # a signal may land while mkdtemp returns: the cleanup finds it by its prefix
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(temp_name(path, "-")), dir=parent)
     array_path = os.path.join(tmp, ARRAY_NAME)
-    array = ts.open(_zarr3_spec(array_path, (num_samples, num_genes)),
-                    create=True, delete_existing=True).result()
+    writing = ts.open(_zarr3_spec(array_path, (num_samples, num_genes)),
+                      create=True, delete_existing=True)
+    array = writing.result()
+    writing = None
     start = 0
     for block in blocks:
       block = np.asarray(block, np.float32)
       if block.ndim != 2 or block.shape[1] != num_genes:
         raise DatasetError(f"{path}: block of shape {block.shape}, expected [*, {num_genes}]")
-      array[start:start + block.shape[0]].write(block).result()
+      writing = array[start:start + block.shape[0]].write(block)
+      writing.result()
+      writing = None
       start += block.shape[0]
     if start != num_samples:
       raise DatasetError(f"{path}: wrote {start} rows, expected {num_samples}")
@@ -418,6 +424,24 @@ def write_dataset(path: str, blocks: Iterable[np.ndarray], num_samples: int,
       json.dump(full_meta, f)
     os.rename(tmp, path)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_after(writing, glob.glob(glob.escape(temp_name(path, "-")) + "*"))
     raise
   return open_dataset(path)
+
+
+def _remove_after(writing, temporaries: list[str]) -> None:
+  """Removes this process's temporaries of a dataset once its last open or write
+  has settled: a signal can interrupt the wait for one that TensorStore's
+  threads go on with, and a file landing after the removal would leave the
+  folder behind."""
+  if writing is not None:
+    try:
+      writing.result()
+    except BaseException:  # pylint: disable=broad-except
+      pass  # its outcome no longer matters, only that it ended
+  for tmp in temporaries:
+    for _ in range(20):
+      shutil.rmtree(tmp, ignore_errors=True)
+      if not os.path.exists(tmp):
+        break
+      time.sleep(0.05)
