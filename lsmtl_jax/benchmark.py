@@ -68,6 +68,7 @@ from lsmtl_jax import parallel
 from lsmtl_jax import perf
 from lsmtl_jax import stepbench
 from lsmtl_jax import config_lib
+from lsmtl_jax import feed
 from lsmtl_jax import fileio
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import sources
@@ -176,27 +177,7 @@ def measure_loader(dataset: store.Dataset, batch_size: int, num_batches: int,
           "columns": dataset.num_landmarks + dataset.num_targets}
 
 
-def write_random_store(path: str, num_samples: int, num_landmarks: int = GEO_LANDMARKS,
-                       num_targets: int = GEO_TARGETS, seed: int = 0,
-                       block_rows: int = 2048) -> store.Dataset:
-  """A GEO-shaped dataset of random standardized values (for loader timing only)."""
-  rng = np.random.default_rng(seed)
-
-  def blocks():
-    for start in range(0, num_samples, block_rows):
-      rows = min(block_rows, num_samples - start)
-      yield rng.standard_normal((rows, num_landmarks + num_targets), np.float32)
-
-  n_train = int(0.8 * num_samples)
-  n_val = (num_samples - n_train) // 2
-  perm = rng.permutation(num_samples)
-  meta = {"landmarks": {"ids": [f"L{i}" for i in range(num_landmarks)]},
-          "targets": {"ids": [f"T{i}" for i in range(num_targets)]},
-          "splits": {"train": perm[:n_train].tolist(),
-                     "val": perm[n_train:n_train + n_val].tolist(),
-                     "test": perm[n_train + n_val:].tolist()},
-          "provenance": {"generator": "lsmtl_jax.benchmark.write_random_store"}}
-  return store.write_dataset(path, blocks(), num_samples, meta)
+write_random_store = feed.write_random_store  # the loader timing's store
 
 
 # ----------------------------------------------------------------------------

@@ -48,12 +48,11 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lsmtl_jax import build
 from lsmtl_jax import cli
-from lsmtl_jax import config_lib
 from lsmtl_jax import parallel
 from lsmtl_jax import perf
 from lsmtl_jax import resident
+from lsmtl_jax import stepbench
 from lsmtl_jax.data import loader
 from lsmtl_jax.data import store
 
@@ -115,30 +114,18 @@ def device_feed_rate(dataset: store.Dataset, order: loader.TrainOrder, steps: in
 
 
 class _Step:
-  """The train step as training builds it, on one fixed batch on the devices."""
+  """The train step as training builds it (stepbench.StepBench), timed with the
+  process's CPU time beside the wall time."""
 
   def __init__(self, config, num_landmarks: int, num_targets: int):
-    config = config_lib.concrete_lam(config_lib.resolve(config))
-    network = build.build_network(config, num_landmarks, num_targets)
-    init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    self.state, shardings = network.create_state(init_key, build.create_optimizer(config, 1000))
-    self.step_fn = network.train_step(shardings, base_key)
-    b = self.batch_size = config.train.batch_size
-    rng = np.random.default_rng(0)
-    host = {"x": rng.standard_normal((b, num_landmarks), np.float32),
-            "y": rng.standard_normal((b, num_targets), np.float32)}
-    self.batch = parallel.Placement(network.mesh).put(host, b)
+    self.bench = stepbench.StepBench(config, num_landmarks, num_targets)
+    self.batch_size = self.bench.batch_size
 
   def rate(self, steps: int) -> tuple[float, float]:
     """(examples/s, process CPU ms per step)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    state = self.state
-    for _ in range(steps):
-      state, metrics = self.step_fn(state, self.batch)
-    jax.block_until_ready((state, metrics))
-    self.state = state
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return steps * self.batch_size / seconds, 1e3 * cpu / steps
+    cpu = time.process_time()
+    seconds = self.bench.block(steps)
+    return self.batch_size / seconds, 1e3 * (time.process_time() - cpu) / steps
 
 
 def step_rate(config, num_landmarks: int, num_targets: int, steps: int,
@@ -160,7 +147,8 @@ def write_random_store(path: str, num_samples: int, num_landmarks: int = GEO_LAN
       rows = min(block_rows, num_samples - start)
       yield rng.standard_normal((rows, num_landmarks + num_targets), np.float32)
 
-  n_train, n_val = int(0.8 * num_samples), num_samples // 10
+  n_train = int(0.8 * num_samples)
+  n_val = (num_samples - n_train) // 2
   perm = rng.permutation(num_samples)
   meta = {"landmarks": {"ids": [f"L{i}" for i in range(num_landmarks)]},
           "targets": {"ids": [f"T{i}" for i in range(num_targets)]},
